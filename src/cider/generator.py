@@ -1,0 +1,162 @@
+"""Zero-shot generator: an asymmetric encoder–decoder with skip connections.
+
+The architecture follows the "skip" network of Deep Image Prior as used by CiDeR:
+four levels with 32, 32, 64, 64 channels on the way down and up, 16-channel 1×1 skip
+branches, stride-2 downsampling, (bi/tri)linear upsampling, batch normalisation after
+every convolution, LeakyReLU(0.2), dot-product non-local blocks at levels 2 and 3, and a
+sigmoid output. In 2D it has 322,913 parameters, the figure given in the CiDeR paper.
+
+The same code builds the 3D variant by swapping the convolution, normalisation and
+interpolation modules, so both variants have the same structure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["GeneratorConfig", "Generator", "count_parameters"]
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Shape of the generator.
+
+    Attributes
+    ----------
+    in_channels : int
+        Number of input feature maps (16 deconvolved features).
+    out_channels : int
+        Number of output channels (1: one greyscale image or volume).
+    channels_down, channels_up, channels_skip : tuple of int
+        Channels per level on the encoder path, decoder path and skip branch.
+    nonlocal_levels : tuple of int
+        Levels (0-based) whose encoder gets a dot-product non-local block.
+    """
+
+    in_channels: int = 16
+    out_channels: int = 1
+    channels_down: tuple[int, ...] = (32, 32, 64, 64)
+    channels_up: tuple[int, ...] = (32, 32, 64, 64)
+    channels_skip: tuple[int, ...] = (16, 16, 16, 16)
+    nonlocal_levels: tuple[int, ...] = (2, 3)
+
+
+def _layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], str]:
+    if ndim == 2:
+        return nn.Conv2d, nn.BatchNorm2d, "bilinear"
+    if ndim == 3:
+        return nn.Conv3d, nn.BatchNorm3d, "trilinear"
+    raise ValueError(f"generator supports 2D or 3D data, got ndim={ndim}")
+
+
+class _ConvBlock(nn.Sequential):
+    """Reflection-padded convolution, batch norm and LeakyReLU."""
+
+    def __init__(self, ndim: int, c_in: int, c_out: int, kernel: int, stride: int = 1):
+        conv, norm, _ = _layers(ndim)
+        pad = (kernel - 1) // 2
+        padding = nn.ReflectionPad2d(pad) if ndim == 2 else nn.ReplicationPad3d(pad)
+        layers: list[nn.Module] = [padding] if pad else []
+        layers += [conv(c_in, c_out, kernel, stride=stride), norm(c_out), nn.LeakyReLU(0.2)]
+        super().__init__(*layers)
+
+
+class _NonLocal(nn.Module):
+    """Dot-product non-local block (Wang et al. 2018) with a residual connection."""
+
+    def __init__(self, ndim: int, channels: int):
+        super().__init__()
+        conv, norm, _ = _layers(ndim)
+        inner = max(channels // 2, 1)
+        self.g = conv(channels, inner, 1)
+        self.theta = conv(channels, inner, 1)
+        self.phi = conv(channels, inner, 1)
+        self.out = nn.Sequential(conv(inner, channels, 1), norm(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, *spatial = x.shape
+        g = self.g(x).flatten(2).transpose(1, 2)  # (b, n, inner)
+        theta = self.theta(x).flatten(2).transpose(1, 2)
+        phi = self.phi(x).flatten(2)  # (b, inner, n)
+        attention = (theta @ phi) / phi.shape[-1]
+        y = (attention @ g).transpose(1, 2).reshape(b, -1, *spatial)
+        return x + self.out(y)
+
+
+class _Level(nn.Module):
+    """One level: skip branch + (downsample → deeper levels → upsample), then merge."""
+
+    def __init__(self, ndim: int, cfg: GeneratorConfig, level: int, c_in: int):
+        super().__init__()
+        _, norm, self.mode = _layers(ndim)
+        down, up, skip = cfg.channels_down, cfg.channels_up, cfg.channels_skip
+        last = level == len(down) - 1
+        self.skip = _ConvBlock(ndim, c_in, skip[level], 1) if skip[level] else None
+        encoder: list[nn.Module] = [
+            _ConvBlock(ndim, c_in, down[level], 3, stride=2),
+        ]
+        if level in cfg.nonlocal_levels:
+            encoder.append(_NonLocal(ndim, down[level]))
+        encoder.append(_ConvBlock(ndim, down[level], down[level], 3))
+        self.encoder = nn.Sequential(*encoder)
+        self.deeper = None if last else _Level(ndim, cfg, level + 1, down[level])
+        c_deep = down[level] if last else up[level + 1]
+        self.merge = nn.Sequential(
+            norm(skip[level] + c_deep),
+            _ConvBlock(ndim, skip[level] + c_deep, up[level], 3),
+            _ConvBlock(ndim, up[level], up[level], 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        deep = self.encoder(x)
+        if self.deeper is not None:
+            deep = self.deeper(deep)
+        deep = F.interpolate(deep, size=x.shape[2:], mode=self.mode, align_corners=False)
+        if self.skip is not None:
+            deep = torch.cat([self.skip(x), deep], dim=1)
+        return self.merge(deep)
+
+
+class Generator(nn.Module):
+    """Encoder–decoder generator for 2D (N,C,Y,X) or 3D (N,C,Z,Y,X) inputs.
+
+    Inputs of any size are accepted: they are reflect-padded to a multiple of
+    ``2**levels`` and the output is cropped back to the input size.
+
+    Parameters
+    ----------
+    ndim : int
+        Number of spatial dimensions, 2 or 3.
+    config : GeneratorConfig, optional
+        Channel layout; the default is the CiDeR layout.
+    """
+
+    def __init__(self, ndim: int = 2, config: GeneratorConfig | None = None):
+        super().__init__()
+        self.ndim = ndim
+        self.config = config or GeneratorConfig()
+        conv, _, _ = _layers(ndim)
+        self.body = _Level(ndim, self.config, 0, self.config.in_channels)
+        self.head = conv(self.config.channels_up[0], self.config.out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        multiple = 2 ** len(self.config.channels_down)
+        pad: list[int] = []
+        for n in reversed(size):
+            extra = -n % multiple
+            pad += [extra // 2, extra - extra // 2]
+        mode = "reflect" if all(p < n for p, n in zip(pad[::2], reversed(size))) else "replicate"
+        x = F.pad(x, pad, mode=mode) if any(pad) else x
+        y = torch.sigmoid(self.head(self.body(x)))
+        crop = tuple(slice(pad[2 * i], pad[2 * i] + n) for i, n in enumerate(reversed(size)))
+        return y[(..., *reversed(crop))]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
