@@ -11,7 +11,7 @@ The public API works on numpy arrays::
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError, ImageError, PsfError
 from .psf import gaussian_psf, lightsheet_psf, validate_psf, widefield_psf
-from .restore import Result, RestoreConfig, restore
+from .restore import RestoreConfig, Result, restore
 from .rl import richardson_lucy
 
 __all__ = [

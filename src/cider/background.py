@@ -13,6 +13,7 @@ decomposition along that axis.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ class BackgroundConfig:
     wavelet : str
         PyWavelets wavelet name.
     level : int
-        Decomposition level; lowered to the largest level the plane size allows.
+        Decomposition level (lowered to ``log2`` of the smaller plane side if larger).
     iterations : int
         Number of clamp-and-re-estimate iterations.
     threshold : float
@@ -50,11 +51,16 @@ class BackgroundConfig:
 
 def _plane_background(plane: np.ndarray, cfg: BackgroundConfig) -> np.ndarray:
     wavelet = pywt.Wavelet(cfg.wavelet)
-    level = max(1, min(cfg.level, pywt.dwt_max_level(min(plane.shape), wavelet.dec_len)))
+    # Like MATLAB's wavedec (used by Sparse-SIM), allow levels beyond PyWavelets'
+    # conservative maximum (which would give a far too detailed background on small
+    # planes); stop only where the approximation would shrink below one sample.
+    level = max(1, min(cfg.level, int(np.log2(min(plane.shape)))))
     residual = plane.copy()
     background = residual
     for _ in range(cfg.iterations):
-        coeffs = pywt.wavedec2(residual, wavelet, level=level, mode="symmetric")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Level value", category=UserWarning)
+            coeffs = pywt.wavedec2(residual, wavelet, level=level, mode="symmetric")
         coeffs = [coeffs[0]] + [tuple(np.zeros_like(d) for d in band) for band in coeffs[1:]]
         background = pywt.waverec2(coeffs, wavelet, mode="symmetric")[: plane.shape[0], : plane.shape[1]]
         ceiling = background + cfg.threshold * np.sqrt(np.abs(residual))

@@ -70,7 +70,10 @@ def _psf(args: argparse.Namespace) -> int:
         psf = gaussian_psf(args.gaussian if len(args.gaussian) > 1 else args.gaussian[0], ndim=args.ndim)
     elif args.widefield or args.lightsheet:
         if not (args.na and args.wavelength and args.voxel and args.shape):
-            print("cider psf: --widefield/--lightsheet need --na, --wavelength, --voxel and --shape", file=sys.stderr)
+            print(
+                "cider psf: --widefield/--lightsheet need --na, --wavelength, --voxel and --shape",
+                file=sys.stderr,
+            )
             return 2
         if args.lightsheet:
             psf = lightsheet_psf(args.shape, args.voxel, args.wavelength, args.na, args.lightsheet)
@@ -123,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--background", action="store_true", help="remove a wavelet background first")
     r.add_argument("--sparsity", type=float, default=0.0, help="L1 sparsity weight (fluorescence: ~0.1-1)")
     r.add_argument("--hessian", type=float, default=0.06, help="Hessian smoothness weight (default 0.06)")
-    r.add_argument("--early-stop", type=int, default=0, metavar="N", help="stop after N iterations without progress")
+    r.add_argument(
+        "--early-stop", type=int, default=0, metavar="N", help="stop after N iterations without progress"
+    )
     r.add_argument("--weights", help="feature-extractor weights (default: the ones shipped)")
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -131,10 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("psf", help="write a Gaussian, widefield or light-sheet PSF")
     p.add_argument("-o", "--output", required=True, help="output file (.tif or .npy)")
-    p.add_argument("--gaussian", type=float, nargs="+", metavar="SIGMA", help="sigma in pixels (one, or one per axis)")
+    p.add_argument(
+        "--gaussian", type=float, nargs="+", metavar="SIGMA", help="sigma in pixels (one, or one per axis)"
+    )
     p.add_argument("--ndim", type=int, default=2, help="dimensions of a Gaussian PSF with one sigma")
     p.add_argument("--widefield", action="store_true", help="Gibson-Lanni widefield PSF (psfmodels)")
-    p.add_argument("--lightsheet", type=float, metavar="FWHM_UM", help="light-sheet PSF with this sheet thickness")
+    p.add_argument(
+        "--lightsheet", type=float, metavar="FWHM_UM", help="light-sheet PSF with this sheet thickness"
+    )
     p.add_argument("--na", type=float, help="numerical aperture")
     p.add_argument("--wavelength", type=float, help="emission wavelength in µm")
     p.add_argument("--voxel", type=float, nargs="+", help="voxel size in µm (Z Y X or Y X)")
@@ -143,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-features", help="train the feature extractor on natural images")
     t.add_argument("--data", required=True, help="folder of greyscale PNG training images")
-    t.add_argument("-o", "--output", required=True, help="weights file to write (.pt); a .json record goes beside it")
+    t.add_argument(
+        "-o", "--output", required=True, help="weights file to write (.pt); a .json record goes beside it"
+    )
     t.add_argument("--steps", type=int, default=2500, help="training steps (default 2500)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")

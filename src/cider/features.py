@@ -86,7 +86,9 @@ def load_feature_extractor(
 
 
 @torch.no_grad()
-def extract_features(image: torch.Tensor, model: FeatureExtractor, planes_per_batch: int = 16) -> torch.Tensor:
+def extract_features(
+    image: torch.Tensor, model: FeatureExtractor, planes_per_batch: int = 16
+) -> torch.Tensor:
     """Feature maps of a 2D image or, plane by plane, of a 3D volume.
 
     Parameters

@@ -146,7 +146,9 @@ def write_ome_zarr(
     axes = axes.upper()
     spatial = [a for a in axes if a in "ZYX"]
     if len(voxel_size) != len(spatial):
-        raise ValueError(f"OME-Zarr {path}: {len(spatial)} spatial axes in {axes!r} but voxel_size {voxel_size}")
+        raise ValueError(
+            f"OME-Zarr {path}: {len(spatial)} spatial axes in {axes!r} but voxel_size {voxel_size}"
+        )
     units = {"Z": "micrometer", "Y": "micrometer", "X": "micrometer"}
     axes_meta = [
         {"name": a.lower(), "type": "space" if a in "ZYX" else ("channel" if a == "C" else "time"),
@@ -162,7 +164,9 @@ def write_ome_zarr(
             break
         step = [1] * len(axes)
         for i, a in enumerate(axes):
-            if a in "YX" or (a == "Z" and size["Z"] * factors[i] * 2 <= size["X"] * factors[axes.index("X")] * 2):
+            if a in "YX" or (
+                a == "Z" and size["Z"] * factors[i] * 2 <= size["X"] * factors[axes.index("X")] * 2
+            ):
                 step[i] = 2 if pyramid[-1].shape[i] >= 2 else 1
         factors = [f * s for f, s in zip(factors, step)]
         pyramid.append(_downsample(pyramid[-1], step))

@@ -24,7 +24,11 @@ def _second_differences(x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
     axes = list(range(2, x.ndim))
     terms: list[tuple[torch.Tensor, float]] = []
     for i, a in enumerate(axes):
-        pure = x.narrow(a, 2, x.shape[a] - 2) - 2 * x.narrow(a, 1, x.shape[a] - 2) + x.narrow(a, 0, x.shape[a] - 2)
+        pure = (
+            x.narrow(a, 2, x.shape[a] - 2)
+            - 2 * x.narrow(a, 1, x.shape[a] - 2)
+            + x.narrow(a, 0, x.shape[a] - 2)
+        )
         terms.append((pure, 1.0))
         for b in axes[i + 1 :]:
             d = x.narrow(a, 1, x.shape[a] - 1) - x.narrow(a, 0, x.shape[a] - 1)

@@ -22,9 +22,7 @@ __all__ = [
 ]
 
 
-def validate_psf(
-    psf: np.ndarray, image_shape: Sequence[int] | None = None, name: str = "psf"
-) -> np.ndarray:
+def validate_psf(psf: np.ndarray, image_shape: Sequence[int] | None = None, name: str = "psf") -> np.ndarray:
     """Check a PSF and return it as float64 normalised to sum 1.
 
     Parameters
@@ -174,8 +172,16 @@ def widefield_psf(
     ny, nx = shape[-2:]
     size = max(ny, nx) | 1
     psf = psfmodels.make_psf(
-        nz, size, dxy=float(voxel_size[-1]), dz=float(dz), NA=na, wvl=wavelength,
-        ni=immersion_index, ni0=immersion_index, ns=sample_index, model="scalar",
+        nz,
+        size,
+        dxy=float(voxel_size[-1]),
+        dz=float(dz),
+        NA=na,
+        wvl=wavelength,
+        ni=immersion_index,
+        ni0=immersion_index,
+        ns=sample_index,
+        model="scalar",
     )
     cy, cx = size // 2, size // 2
     psf = psf[:, cy - ny // 2 : cy + ny // 2 + 1, cx - nx // 2 : cx + nx // 2 + 1]

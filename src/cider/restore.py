@@ -198,7 +198,9 @@ def validate_image(image: np.ndarray, name: str = "image") -> np.ndarray:
     bad = ~np.isfinite(image)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ImageError(f"{name}: {int(bad.sum())} NaN/infinite value(s), first at index {where}; fix the data")
+        raise ImageError(
+            f"{name}: {int(bad.sum())} NaN/infinite value(s), first at index {where}; fix the data"
+        )
     return image
 
 
@@ -263,7 +265,9 @@ def deconvolved_features(prepared: Prepared, config: RestoreConfig) -> torch.Ten
     return from_positive(deconvolved, low, scale, config.feature_offset)
 
 
-def _lr_schedule(optimizer: torch.optim.Optimizer, config: RestoreConfig) -> torch.optim.lr_scheduler.LRScheduler:
+def _lr_schedule(
+    optimizer: torch.optim.Optimizer, config: RestoreConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
     milestones = sorted({max(1, math.floor(m * config.iterations)) for m in config.lr_milestones})
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.5)
 
@@ -298,7 +302,9 @@ def fit_generator(
     torch.manual_seed(config.seed)
     generator = Generator(ndim, GeneratorConfig(in_channels=features.shape[0])).to(y.device)
     blur = BlurOperator(psf, y.shape, boundary="valid")
-    optimizer = torch.optim.NAdam(generator.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.NAdam(
+        generator.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     schedule = _lr_schedule(optimizer, config)
     net_input, target = features[None], y[None, None]
     losses: list[float] = []

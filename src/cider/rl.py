@@ -9,7 +9,9 @@ The blur is ``y = A x`` with ``A`` a convolution by the PSF. Three boundary mode
     ``x ← x / Aᵀ1 · Aᵀ(y / Ax)``, which keeps ``sum(Ax) == sum(y)`` at every step.
 ``"same"``
     Object and image have the same shape; the object is zero outside (the convention of
-    ``scipy.signal.convolve(mode="same")`` and ``skimage.restoration.richardson_lucy``).
+    ``scipy.signal.convolve(mode="same")``), and RL is the classic update
+    ``x ← x · Aᵀ(y / Ax)`` without border normalisation, exactly as
+    ``skimage.restoration.richardson_lucy``.
 ``"periodic"``
     Object and image have the same shape and the blur wraps around.
 
@@ -170,14 +172,16 @@ def richardson_lucy(
     else:
         estimate = torch.as_tensor(init, dtype=image.dtype, device=image.device)
         estimate = estimate.expand(*image.shape[: -psf.ndim], *op.object_shape).clone()
-    weight = op.adjoint(torch.ones(op.image_shape, dtype=image.dtype, device=image.device))
-    # Object pixels that barely touch the image (|Aᵀ1| at FFT round-off level) are kept
-    # as they are instead of being divided by noise.
-    observed = weight > 1e-4 * weight.max()
-    weight = torch.where(observed, weight, torch.ones_like(weight))
+    if boundary == "valid":
+        weight = op.adjoint(torch.ones(op.image_shape, dtype=image.dtype, device=image.device))
+        # Object pixels that barely touch the image (Aᵀ1 at FFT round-off level) keep
+        # their value instead of being divided by noise.
+        observed = weight > 1e-4 * weight.max()
+        weight = torch.where(observed, weight, torch.ones_like(weight))
     for _ in range(iterations):
-        ratio = image / op.forward(estimate).clamp_min(eps)
-        update = torch.where(observed, op.adjoint(ratio) / weight, torch.ones_like(weight))
+        update = op.adjoint(image / op.forward(estimate).clamp_min(eps))
+        if boundary == "valid":
+            update = torch.where(observed, update / weight, torch.ones_like(weight))
         estimate = (estimate * update).clamp_min(0)
     return estimate
 

@@ -1,0 +1,67 @@
+"""The ``cider`` command line."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from cider import cli, gaussian_psf, io
+
+from .conftest import blobs
+
+
+def test_help_explains_usage():
+    out = subprocess.run([sys.executable, "-m", "cider.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for text in ("restore", "psf", "train-features", "examples:", "cider restore blurred.tif --psf psf.tif"):
+        assert text in out.stdout
+
+
+def test_restore_tiff_round_trip(tmp_path, capsys):
+    from scipy.ndimage import convolve
+
+    psf = gaussian_psf(1.2)
+    image = convolve(blobs((48, 48), 15), psf)
+    tifffile.imwrite(tmp_path / "in.tif", image.astype(np.float32))
+    tifffile.imwrite(tmp_path / "psf.tif", psf.astype(np.float32))
+    code = cli.main(["restore", str(tmp_path / "in.tif"), "--psf", str(tmp_path / "psf.tif"),
+                     "-o", str(tmp_path / "out.tif"), "--iterations", "10", "--quiet"])  # fmt: skip
+    assert code == 0
+    out = tifffile.imread(tmp_path / "out.tif")
+    assert out.shape == (48, 48) and out.dtype == np.float32
+    assert '"iterations": 10' in capsys.readouterr().out
+
+
+def test_restore_png_with_gaussian_psf(tmp_path):
+    image = (blobs((40, 40), 10) * 200).astype(np.uint8)
+    io.write_image(tmp_path / "in.png", image)
+    code = cli.main(["restore", str(tmp_path / "in.png"), "--gaussian-sigma", "1.0",
+                     "-o", str(tmp_path / "out.png"), "--iterations", "5", "--quiet"])  # fmt: skip
+    assert code == 0
+    assert io.read_image(tmp_path / "out.png").dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "content,suffix,message",
+    [
+        (b"not an image", ".tif", "cannot read"),
+        (None, ".tif", "no such file"),
+        (b"x", ".jpg2", "unsupported format"),
+    ],
+)
+def test_unreadable_input_says_what_is_wrong(tmp_path, capsys, content, suffix, message):
+    path = tmp_path / f"in{suffix}"
+    if content is not None:
+        path.write_bytes(content)
+    code = cli.main(["restore", str(path), "--gaussian-sigma", "1", "-o", str(tmp_path / "o.tif")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err
+
+
+def test_psf_command_writes_normalised_psf(tmp_path):
+    assert cli.main(["psf", "--gaussian", "2", "1", "1", "-o", str(tmp_path / "p.tif")]) == 0
+    psf = tifffile.imread(tmp_path / "p.tif")
+    assert psf.shape == (17, 9, 9) and psf.sum() == pytest.approx(1.0, rel=1e-5)

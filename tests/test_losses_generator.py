@@ -1,0 +1,52 @@
+"""Loss terms and the generator architecture."""
+
+import pytest
+import torch
+
+from cider.generator import Generator, count_parameters
+from cider.losses import hessian_penalty, sparsity_penalty, ssim_loss
+
+
+def _ramp(shape):
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij")
+    return (0.3 + sum((0.01 * (i + 1)) * g for i, g in enumerate(grids)))[None, None]
+
+
+@pytest.mark.parametrize("shape", [(20, 30), (8, 12, 10)])
+def test_hessian_of_linear_ramp_is_zero(shape):
+    assert float(hessian_penalty(_ramp(shape))) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hessian_values_2d_and_3d():
+    y, x = torch.meshgrid(torch.arange(10.0), torch.arange(12.0), indexing="ij")
+    # f = x²/2 + 3xy: f_xx = 1, f_yy = 0, f_xy = 3 → 1 + 0 + 2·3 = 7
+    assert float(hessian_penalty((x**2 / 2 + 3 * x * y)[None, None])) == pytest.approx(7.0)
+    z, y, x = torch.meshgrid(torch.arange(6.0), torch.arange(7.0), torch.arange(8.0), indexing="ij")
+    # f = z² + yz + 2xy: zz = 2, yz = 1, xy = 2 → 2 + 2·1 + 2·2 = 8
+    assert float(hessian_penalty((z**2 + y * z + 2 * x * y)[None, None])) == pytest.approx(8.0)
+
+
+def test_ssim_loss_zero_for_identical_and_positive_otherwise():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 32, 32, generator=g)
+    assert float(ssim_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    assert float(ssim_loss(a, torch.rand(1, 1, 32, 32, generator=g))) > 0.5
+    v = torch.rand(1, 1, 16, 24, 24, generator=g)
+    assert float(ssim_loss(v, v)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sparsity():
+    assert float(sparsity_penalty(torch.tensor([[-1.0, 3.0]]))) == 2.0
+
+
+def test_generator_parameter_count_matches_paper():
+    assert count_parameters(Generator(2)) == 322_913
+
+
+@pytest.mark.parametrize("shape", [(45, 67), (13, 30, 21)])
+def test_generator_output_shape_and_range(shape):
+    torch.manual_seed(0)
+    net = Generator(len(shape))
+    out = net(torch.rand(1, 16, *shape))
+    assert out.shape == (1, 1, *shape)
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
