@@ -140,7 +140,7 @@ def write_ome_zarr(
         Chunk shape of level 0.
     """
     from ome_zarr.io import parse_url
-    from ome_zarr.writer import write_image as ome_write_image
+    from ome_zarr.writer import write_multiscale
 
     path = Path(path)
     axes = axes.upper()
@@ -178,10 +178,7 @@ def write_ome_zarr(
 
     root = zarr.group(store=store)
     storage = {"chunks": tuple(chunks)} if chunks else None
-    ome_write_image(
-        pyramid, root, axes=axes_meta, coordinate_transformations=transforms, scaler=None,
-        storage_options=storage,
-    )  # fmt: skip
+    write_multiscale(pyramid, root, axes=axes_meta, coordinate_transformations=transforms, storage_options=storage)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

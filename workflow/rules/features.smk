@@ -1,0 +1,15 @@
+rule features:
+    input:
+        str(PATHS.prepared()),
+        unit_of_tile,
+    output:
+        temp(str(PATHS.features("{tile}"))),
+    log:
+        str(LOGS / "features" / "{tile}.log"),
+    group:
+        "restore"
+    threads: 2
+    conda:
+        ENV
+    script:
+        "../../scripts/features.py"

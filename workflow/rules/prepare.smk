@@ -1,0 +1,12 @@
+rule prepare:
+    input:
+        sorted({u.file for u in PLAN.units}),
+    output:
+        zarr=directory(str(PATHS.input_zarr())),
+        summary=str(PATHS.prepared()),
+    log:
+        str(LOGS / "prepare.log"),
+    conda:
+        ENV
+    script:
+        "../../scripts/prepare.py"

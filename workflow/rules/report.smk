@@ -1,0 +1,13 @@
+rule report:
+    input:
+        images=[str(PATHS.image(name)) for name in PLAN.names],
+        metrics=[str(PATHS.metrics(tile)) for tile in TILES],
+    output:
+        html=str(PATHS.report()),
+    log:
+        str(LOGS / "report.log"),
+    localrule: True
+    conda:
+        ENV
+    script:
+        "../../scripts/report.py"
