@@ -178,7 +178,9 @@ def write_ome_zarr(
 
     root = zarr.group(store=store)
     storage = {"chunks": tuple(chunks)} if chunks else None
-    write_multiscale(pyramid, root, axes=axes_meta, coordinate_transformations=transforms, storage_options=storage)
+    write_multiscale(
+        pyramid, root, axes=axes_meta, coordinate_transformations=transforms, storage_options=storage
+    )
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

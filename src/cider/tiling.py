@@ -71,9 +71,7 @@ def _axis_bounds(n: int, tile: int) -> list[int]:
     return [round(i * n / count) for i in range(count + 1)]
 
 
-def tile_grid(
-    shape: Sequence[int], tile: Sequence[int], margin: Sequence[int], unit: int = 0
-) -> list[Tile]:
+def tile_grid(shape: Sequence[int], tile: Sequence[int], margin: Sequence[int], unit: int = 0) -> list[Tile]:
     """Cut an image of ``shape`` into tiles of at most ``tile`` (cores of near-equal size).
 
     Parameters
@@ -93,9 +91,13 @@ def tile_grid(
         In C order of the grid.
     """
     if not (len(shape) == len(tile) == len(margin)):
-        raise ValueError(f"tile_grid: shape {tuple(shape)}, tile {tuple(tile)}, margin {tuple(margin)} differ in length")
+        raise ValueError(
+            f"tile_grid: shape {tuple(shape)}, tile {tuple(tile)}, margin {tuple(margin)} differ in length"
+        )
     if min(tile) < 1 or min(margin) < 0:
-        raise ValueError(f"tile_grid: tile sizes must be ≥ 1 and margins ≥ 0, got {tuple(tile)}, {tuple(margin)}")
+        raise ValueError(
+            f"tile_grid: tile sizes must be ≥ 1 and margins ≥ 0, got {tuple(tile)}, {tuple(margin)}"
+        )
     bounds = [_axis_bounds(n, t) for n, t in zip(shape, tile)]
     tiles = []
     for flat, index in enumerate(np.ndindex(*[len(b) - 1 for b in bounds])):
@@ -169,6 +171,8 @@ def stitch(
     for tile in tiles:
         data = np.asarray(read_tile(tile), dtype=np.float64)
         if data.shape != tile.padded_shape:
-            raise ValueError(f"tile {tile.id}: restored shape {data.shape} != padded window {tile.padded_shape}")
+            raise ValueError(
+                f"tile {tile.id}: restored shape {data.shape} != padded window {tile.padded_shape}"
+            )
         total[tile.slices()] += tile_weights(tile, shape, blend) * data
     return total.astype(dtype)

@@ -63,7 +63,9 @@ def validate_config(config: dict, source: str = "config") -> dict:
         for err in errors:
             key = ".".join(str(p) for p in err.path) or "(top level)"
             lines.append(f"  key '{key}': {err.message}")
-        raise CiderError(f"{source}: invalid configuration\n" + "\n".join(lines) + "\nsee config/README.md for every key")
+        raise CiderError(
+            f"{source}: invalid configuration\n" + "\n".join(lines) + "\nsee config/README.md for every key"
+        )
     return config
 
 
@@ -167,7 +169,9 @@ def input_files(config: dict) -> list[str]:
     else:
         files = sorted(glob.glob(pattern))
     if not files:
-        raise CiderError(f"config key 'input.path': no input found at {pattern!r}; give a file, folder or glob")
+        raise CiderError(
+            f"config key 'input.path': no input found at {pattern!r}; give a file, folder or glob"
+        )
     return files
 
 
@@ -182,7 +186,11 @@ def _file_shape(path: str) -> tuple[int, ...]:
         from PIL import Image
 
         with Image.open(path) as im:
-            return (im.height, im.width) if im.mode in ("L", "I;16", "I", "F") else (im.height, im.width, len(im.getbands()))
+            return (
+                (im.height, im.width)
+                if im.mode in ("L", "I;16", "I", "F")
+                else (im.height, im.width, len(im.getbands()))
+            )
     return tuple(io.open_array(path).shape)
 
 
@@ -190,13 +198,17 @@ def _units(config: dict) -> list[Unit]:
     axes = config["input"]["axes"].upper()
     spatial = "".join(a for a in axes if a in "ZYX")
     if spatial not in ("YX", "ZYX") or sorted(axes) != sorted(set(axes)) or set(axes) - set("TCZYX"):
-        raise CiderError(f"config key 'input.axes': {axes!r} must be one of YX, CYX, ZYX, CZYX, TCZYX (letters in this order)")
+        raise CiderError(
+            f"config key 'input.axes': {axes!r} must be one of YX, CYX, ZYX, CZYX, TCZYX (letters in this order)"
+        )
     units, files = [], input_files(config)
     stems = [Path(f).name.split(".")[0] for f in files]
     for file, stem in zip(files, stems):
         shape = _file_shape(file)
         if len(shape) != len(axes):
-            raise CiderError(f"{file}: has {len(shape)} axes (shape {shape}) but config key 'input.axes' is {axes!r}")
+            raise CiderError(
+                f"{file}: has {len(shape)} axes (shape {shape}) but config key 'input.axes' is {axes!r}"
+            )
         name = stem if stems.count(stem) == 1 else f"{stem}_{len(units)}"
         outer = [n for a, n in zip(axes, shape) if a in "TC"]
         for index in np.ndindex(*outer):
@@ -241,16 +253,24 @@ def _cached_plan(config_json: str) -> Plan:
             f"config key 'tiling.margin': {margin} is smaller than the PSF requires ({need}, the PSF size "
             f"{psf_shape} minus 1); tiles would show seams. Use 'auto' or at least {need}"
         )
-    blend = tuple(max(1, m // 2) for m in margin) if tiling["blend"] == "auto" else _per_axis(tiling["blend"], ndim, "tiling.blend")
+    blend = (
+        tuple(max(1, m // 2) for m in margin)
+        if tiling["blend"] == "auto"
+        else _per_axis(tiling["blend"], ndim, "tiling.blend")
+    )
     if any(b > m or 4 * b > t for b, m, t in zip(blend, margin, tile_size)):
-        raise CiderError(f"config key 'tiling.blend': {blend} must be ≤ margin {margin} and ≤ tile_size/4 {tile_size}")
+        raise CiderError(
+            f"config key 'tiling.blend': {blend} must be ≤ margin {margin} and ≤ tile_size/4 {tile_size}"
+        )
     for u in units:
         if any(k > n for k, n in zip(psf_shape, u.shape)):
             raise CiderError(f"{u.file}: image shape {u.shape} is smaller than the PSF {psf_shape}")
     tiles = [t for u in units for t in tile_grid(u.shape, tile_size, margin, unit=int(u.id[1:]))]
     small = [t.id for t in tiles if any(n < k for n, k in zip(t.padded_shape, psf_shape))]
     if small:
-        raise CiderError(f"tiles {small[:3]} are smaller than the PSF {psf_shape}; increase 'tiling.tile_size'")
+        raise CiderError(
+            f"tiles {small[:3]} are smaller than the PSF {psf_shape}; increase 'tiling.tile_size'"
+        )
     names = tuple(dict.fromkeys(u.name for u in units))
     return Plan(tuple(units), tuple(tiles), names, tuple(psf_shape), tuple(margin), tuple(blend))
 
@@ -258,7 +278,9 @@ def _cached_plan(config_json: str) -> Plan:
 def _per_axis(value, ndim: int, key: str) -> tuple[int, ...]:
     values = (value,) * ndim if isinstance(value, int) else tuple(value)
     if len(values) != ndim:
-        raise CiderError(f"config key '{key}': expected {ndim} values (one per spatial axis), got {list(values)}")
+        raise CiderError(
+            f"config key '{key}': expected {ndim} values (one per spatial axis), got {list(values)}"
+        )
     return tuple(int(v) for v in values)
 
 
@@ -333,12 +355,16 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     window = tile.slices()
     data = np.asarray(_unit_array(config, f"u{tile.unit:03d}")[window], dtype=np.float64)
     unit_id = f"u{tile.unit:03d}"
-    background = np.load(p.background(unit_id), mmap_mode="r")[window] if config["background"]["enabled"] else None
+    background = (
+        np.load(p.background(unit_id), mmap_mode="r")[window] if config["background"]["enabled"] else None
+    )
     bounds = json.loads(p.intensity(unit_id).read_text())
     ndim = data.ndim
     psf = make_psf(config, ndim)
     rcfg = _restore_config(config)
-    return prepare(data, psf, rcfg, background=background, intensity_range=(bounds["low"], bounds["high"]), device=device), rcfg
+    return prepare(
+        data, psf, rcfg, background=background, intensity_range=(bounds["low"], bounds["high"]), device=device
+    ), rcfg
 
 
 def run_features(config: dict, tile_id: str) -> None:

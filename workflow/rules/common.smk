@@ -2,7 +2,6 @@
 # before anything runs) and defines the helpers the other rules use.
 from cider.workflow import make_plan, paths, validate_config
 
-
 config.update(validate_config(config))
 
 PLAN = make_plan(config)
@@ -34,3 +33,19 @@ def tiles_of_name(wildcards):
         for u in PLAN.units_of(wildcards.name)
         for t in PLAN.tiles_of(u.id)
     ]
+
+
+def background_outputs():
+    """Intensity range always; the background array only when background removal is on."""
+    outputs = {"intensity": str(PATHS.intensity("{unit}"))}
+    if config["background"]["enabled"]:
+        outputs["background"] = str(PATHS.background("{unit}"))
+    return outputs
+
+
+def stitch_outputs():
+    """OME-Zarr always; TIFF when stitch.tiff is true."""
+    outputs = {"image": directory(str(PATHS.image("{name}")))}
+    if config["stitch"]["tiff"]:
+        outputs["tiff"] = str(PATHS.tiff("{name}"))
+    return outputs

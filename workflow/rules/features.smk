@@ -8,8 +8,8 @@ rule features:
         str(LOGS / "features" / "{tile}.log"),
     group:
         "restore"
-    threads: 2
     conda:
         ENV
+    threads: 2
     script:
         "../../scripts/features.py"

@@ -11,8 +11,8 @@ rule fit:
         str(LOGS / "fit" / "{tile}.log"),
     group:
         "restore"
-    threads: 2
     conda:
         ENV
+    threads: 2
     script:
         "../../scripts/fit.py"

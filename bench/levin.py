@@ -1,0 +1,143 @@
+"""Levin benchmark: CiDeR (ours) against classic baselines and ablations, one protocol.
+
+    python bench/levin.py --subset 6 --iterations 250 500 1000
+    python bench/levin.py --subset all --methods blurred wiener rl
+
+Writes one JSON per (method, image) under ``bench/results/levin/`` (existing ones are
+reused, so a long run can be resumed) and the table ``bench/results/levin.md``.
+Methods: ``blurred``; ``wiener`` (NSR 2e-3, 40-px symmetric padding); ``rl``
+(boundary-aware RL, iterations in ``--rl-iterations``, best mean stated);
+``selfdeblur`` (same generator and loss, fixed noise input, no features/RL);
+``image_rl`` (RL on the image as generator input, no feature extractor);
+``cider`` (ours, shipped feature weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from levin_protocol import Case, load_case, score, wiener  # noqa: E402
+
+from cider import RestoreConfig, restore  # noqa: E402
+from cider.rl import richardson_lucy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "levin"
+RESULTS = ROOT / "bench" / "results"
+SUBSET6 = [(1, 1), (2, 3), (3, 5), (4, 7), (1, 4), (3, 8)]
+GENERATOR_INPUT = {"cider": "features", "image_rl": "image_rl", "selfdeblur": "noise"}
+QUOTED = [
+    ("paper: CiDeR (32 images)", "30.63 / 0.8956"),
+    ("paper: SelfDeblur non-blind (32 images)", "29.56 / 0.8614"),
+    ("upstream CiDeR, 1000 it. (6-image subset, shared README)", "33.35 / 0.9352"),
+    ("upstream CiDeR, 500 it. (6-image subset, shared README)", "32.20 / 0.9249"),
+]
+
+
+def run_method(case: Case, method: str, iterations: int, device: str) -> tuple[np.ndarray, dict]:
+    """Restore one case with one method; return the estimate (255 × 255) and extra info."""
+    if method == "blurred":
+        return case.blurred, {}
+    if method == "wiener":
+        return wiener(case), {}
+    if method == "rl":
+        y = torch.tensor(case.blurred)
+        x = richardson_lucy(y, case.psf, iterations, boundary="valid").numpy()
+        r = case.psf.shape[0] // 2
+        return x[r:-r, r:-r], {}
+    config = RestoreConfig(iterations=iterations, normalize=False, device=device,
+                           generator_input=GENERATOR_INPUT[method])  # fmt: skip
+    result = restore(case.blurred, case.psf, config, intensity_range=(0.0, 1.0))
+    return result.restored, {"seconds": round(result.timings["total"], 1), "device": result.device,
+                             "final_loss": result.loss_history[-1]}  # fmt: skip
+
+
+def evaluate(cases, method: str, iterations: int, device: str) -> list[dict]:
+    rows = []
+    for case in cases:
+        tag = method if method in ("blurred", "wiener") else f"{method}_{iterations}"
+        path = RESULTS / "levin" / tag / f"{case.name}.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+            continue
+        start = time.perf_counter()
+        estimate, info = run_method(case, method, iterations, device)
+        row = {
+            "case": case.name,
+            "method": method,
+            "iterations": iterations,
+            **score(estimate, case.sharp),
+            **info,
+        }
+        row.setdefault("seconds", round(time.perf_counter() - start, 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(row, indent=1))
+        print(
+            f"{tag:16s} {case.name:8s} {row['psnr']:.2f} dB  {row['ssim']:.4f}  {row['seconds']} s",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def table(results: dict[str, list[dict]], cases) -> str:
+    names = [c.name for c in cases]
+    head = "| method | " + " | ".join(names) + " | **mean** |\n|---|" + "---|" * (len(names) + 1) + "\n"
+    lines = []
+    for tag, rows in results.items():
+        by_case = {r["case"]: r for r in rows}
+        cells = [f"{by_case[n]['psnr']:.2f} / {by_case[n]['ssim']:.4f}" for n in names]
+        mean = f"**{np.mean([by_case[n]['psnr'] for n in names]):.2f} / {np.mean([by_case[n]['ssim'] for n in names]):.4f}**"
+        lines.append(f"| {tag} | " + " | ".join(cells) + f" | {mean} |")
+    quoted = "\n".join(
+        f"| {name} | " + " | ".join("" for _ in names) + f" | {value} |" for name, value in QUOTED
+    )
+    return head + "\n".join(lines) + "\n" + quoted + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--subset", choices=["6", "all"], default="6", help="6-image subset or all 32")
+    parser.add_argument(
+        "--methods", nargs="+", default=["blurred", "wiener", "rl", "selfdeblur", "image_rl", "cider"]
+    )
+    parser.add_argument("--iterations", type=int, nargs="+", default=[500], help="generator iterations")
+    parser.add_argument("--rl-iterations", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default=str(RESULTS / "levin.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pairs = SUBSET6 if args.subset == "6" else [(i, k) for i in range(1, 5) for k in range(1, 9)]
+    cases = [load_case(DATA, i, k) for i, k in pairs]
+    results: dict[str, list[dict]] = {}
+    for method in args.methods:
+        if method in ("blurred", "wiener"):
+            results[method] = evaluate(cases, method, 0, args.device)
+        elif method == "rl":
+            runs = {n: evaluate(cases, "rl", n, args.device) for n in args.rl_iterations}
+            best = max(runs, key=lambda n: np.mean([r["psnr"] for r in runs[n]]))
+            results[f"rl (best: {best} it.)"] = runs[best]
+        else:
+            for n in args.iterations:
+                results[f"{method} {n} it."] = evaluate(cases, method, n, args.device)
+    text = f"Levin benchmark, {len(cases)} images, PSNR (dB) / SSIM, one scorer for every row.\n\n" + table(
+        results, cases
+    )
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The Snakemake workflow: config validation, end-to-end 2D/3D runs, rerun of a failed tile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import yaml
+
+from cider import gaussian_psf
+from cider.errors import CiderError
+from cider.rl import BlurOperator
+from cider.workflow import FAIL_ENV, make_plan, sharpness, validate_config
+
+from .conftest import ROOT, blobs
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def _dataset(tmp: Path, shape: tuple[int, ...], sigma, tile, seed=0, **restore) -> Path:
+    """Write a blurred synthetic image (valid blur of a larger scene) and its config."""
+    psf = gaussian_psf(sigma, ndim=len(shape), size=5 if len(shape) == 3 else None)
+    big = tuple(n + k - 1 for n, k in zip(shape, psf.shape))
+    scene = blobs(big, int(np.prod(big) / 150), seed)
+    image = BlurOperator(torch.tensor(psf), shape, "valid")(torch.tensor(scene)).numpy()
+    image = (1000 * image + 100 + np.random.default_rng(seed).normal(0, 2, shape)).astype(np.float32)
+    tifffile.imwrite(tmp / "input.tif", image)
+    tifffile.imwrite(tmp / "psf.tif", psf.astype(np.float32))
+    voxel = [0.5, 0.2, 0.2][-len(shape) :]
+    config = {
+        "name": "test",
+        "input": {"path": str(tmp / "input.tif"), "axes": "ZYX"[-len(shape) :], "voxel_size": voxel},
+        "psf": {"file": str(tmp / "psf.tif")},
+        "output_dir": str(tmp / "out"),
+        "tiling": {"tile_size": tile},
+        "restore": {"iterations": 40, "rl_iterations": 10, **restore},
+        "stitch": {"pyramid_levels": 2},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _snakemake(config: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(config.parent),
+               "--configfile", str(config), "--cores", "2", *extra]  # fmt: skip
+    return subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900
+    )
+
+
+def _read_ome_zarr(path: Path):
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    meta = group.attrs["ome"]["multiscales"][0]
+    return group, meta
+
+
+# ------------------------------------------------------------------------ config
+def _minimal() -> dict:
+    return {"name": "x", "input": {"path": "a.tif", "axes": "YX", "voxel_size": [1, 1]},
+            "psf": {"gaussian_sigma": 1.0}, "output_dir": "out"}  # fmt: skip
+
+
+def test_schema_fills_defaults():
+    config = validate_config(_minimal())
+    assert config["tiling"]["margin"] == "auto" and config["restore"]["iterations"] == 3000
+
+
+def test_schema_rejects_unknown_key_naming_it():
+    config = _minimal() | {"tiling": {"tile_sise": 64}}
+    with pytest.raises(CiderError, match=r"key 'tiling'.*'tile_sise' was unexpected"):
+        validate_config(config)
+
+
+def test_schema_rejects_wrong_type_naming_the_key():
+    config = _minimal() | {"restore": {"iterations": "many"}}
+    with pytest.raises(CiderError, match=r"key 'restore.iterations': 'many' is not of type 'integer'"):
+        validate_config(config)
+
+
+def test_too_small_margin_is_an_error(tmp_path):
+    config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
+    config["tiling"]["margin"] = 4
+    with pytest.raises(CiderError, match=r"tiling.margin.*smaller than the PSF requires \(\(12, 12\)"):
+        make_plan(validate_config(config))
+
+
+def test_axes_mismatch_names_the_file(tmp_path):
+    config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
+    config["input"]["axes"] = "ZYX"
+    with pytest.raises(CiderError, match=r"input.tif: has 2 axes .* 'input.axes' is 'ZYX'"):
+        make_plan(validate_config(config))
+
+
+def test_lint_and_format_are_clean():
+    lint = subprocess.run([*SNAKEMAKE, "--lint"], cwd=ROOT, capture_output=True, text=True)
+    assert "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert fmt.returncode == 0, fmt.stderr
+
+
+# -------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_end_to_end_2d(tmp_path):
+    config = _dataset(tmp_path, (70, 90), 1.5, 40, iterations=60)
+    run = _snakemake(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    group, meta = _read_ome_zarr(tmp_path / "out" / "input.ome.zarr")
+    assert [a["name"] for a in meta["axes"]] == ["y", "x"]
+    assert meta["datasets"][0]["coordinateTransformations"][0]["scale"] == [0.2, 0.2]
+    assert meta["datasets"][1]["coordinateTransformations"][0]["scale"] == [0.4, 0.4]
+    restored = np.asarray(group[meta["datasets"][0]["path"]])
+    before = tifffile.imread(tmp_path / "input.tif")
+    assert restored.shape == before.shape
+    assert sharpness(restored) > 1.3 * sharpness(before)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "input.tif"), restored)
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert summary["tiles"] == 6 and summary["units"][0]["seam_ratio"] < 1.5
+    assert "report:" in run.stdout + run.stderr or (tmp_path / "out" / "report" / "index.html").exists()
+
+
+@pytest.mark.slow
+def test_end_to_end_3d(tmp_path):
+    config = _dataset(tmp_path, (12, 36, 36), (0.8, 1.2, 1.2), [12, 24, 24], iterations=30)
+    run = _snakemake(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(tmp_path / "out" / "input.ome.zarr")))())
+    image = nodes[0]
+    assert [a["name"] for a in image.metadata["axes"]] == ["z", "y", "x"]
+    assert image.metadata["coordinateTransformations"][0][0]["scale"] == [0.5, 0.2, 0.2]
+    restored = np.asarray(image.data[0])
+    before = tifffile.imread(tmp_path / "input.tif")
+    assert restored.shape == (12, 36, 36)
+    assert sharpness(restored) > 1.2 * sharpness(before)
+
+
+@pytest.mark.slow
+def test_failed_tile_is_reported_and_rerun_alone(tmp_path):
+    clean_dir, fail_dir = tmp_path / "clean", tmp_path / "fail"
+    clean_dir.mkdir(), fail_dir.mkdir()
+    clean = _dataset(clean_dir, (60, 60), 1.2, 32, iterations=20)
+    failing = _dataset(fail_dir, (60, 60), 1.2, 32, iterations=20)
+    assert _snakemake(clean).returncode == 0
+
+    first = _snakemake(failing, "--keep-going", "--retries", "0", env={FAIL_ENV: "u000-t00002"})
+    assert first.returncode != 0
+    assert (
+        "u000-t00002" in first.stderr
+        and "failure injected" in (fail_dir / "out/work/logs/fit/u000-t00002.log").read_text()
+    )
+    tiles = fail_dir / "out" / "work" / "tiles"
+    done = sorted(p.name for p in tiles.glob("*.npy"))
+    assert done == ["u000-t00000.npy", "u000-t00001.npy", "u000-t00003.npy"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tiles.glob("*.npy")}
+
+    second = _snakemake(failing, "--rerun-incomplete")
+    assert second.returncode == 0, second.stderr[-3000:]
+    fits = [line for line in second.stderr.splitlines() if line.strip().startswith("fit ")]
+    assert fits and fits[0].split()[1] == "1", second.stderr  # job stats: exactly one fit job
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in tiles.glob("*.npy") if p.name in mtimes)
+    a = tifffile.imread(clean_dir / "out" / "input.tif")
+    b = tifffile.imread(fail_dir / "out" / "input.tif")
+    np.testing.assert_array_equal(a, b)
+
+
+def test_every_script_runs_alone_and_documents_it():
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        text = script.read_text()
+        assert "Run alone:" in text and len(text.splitlines()) <= 30, script.name
+        out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "--config" in out.stdout, script.name
