@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint slurm bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ lint: install
 	$(BIN)/snakefmt --check Snakefile workflow
 	$(BIN)/snakemake --lint
 
-test: lint
+# In CI (CI=true, root, Debian) a single-node SLURM cluster is started for the `slurm`
+# tests; elsewhere they are skipped with the reason.
+slurm:
+	@if [ "$${CI:-}" = true ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		bash .ci/slurm/start.sh || echo "SLURM could not be started: slurm tests will be skipped"; fi
+
+test: lint slurm
 	$(BIN)/python -m pytest
 
 bench: install

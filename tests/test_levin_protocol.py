@@ -1,0 +1,59 @@
+"""The Levin scorer reproduces the reference numbers of shared/data/levin/README.md."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+from levin_protocol import load_case, score, wiener  # noqa: E402
+
+# (image, kernel): blurred PSNR/SSIM and Wiener PSNR/SSIM from the shared reference table
+REFERENCE = {
+    (1, 1): (24.13, 0.7367, 32.70, 0.9069),
+    (2, 3): (24.69, 0.7176, 33.74, 0.9305),
+    (3, 5): (27.03, 0.8558, 36.92, 0.9595),
+    (4, 7): (21.87, 0.7098, 34.05, 0.9291),
+    (1, 4): (19.53, 0.5894, 23.50, 0.6458),
+    (3, 8): (20.12, 0.5732, 24.96, 0.7485),
+}
+
+
+@pytest.fixture
+def levin(shared_data):
+    return shared_data / "levin"
+
+
+@pytest.mark.parametrize("pair", list(REFERENCE))
+def test_per_image_reference(levin, pair):
+    case = load_case(levin, *pair)
+    blurred, wien = score(case.blurred, case.sharp), score(wiener(case), case.sharp)
+    ref = REFERENCE[pair]
+    assert blurred["psnr"] == pytest.approx(ref[0], abs=0.006) and blurred["ssim"] == pytest.approx(
+        ref[1], abs=6e-5
+    )
+    assert wien["psnr"] == pytest.approx(ref[2], abs=0.006) and wien["ssim"] == pytest.approx(
+        ref[3], abs=6e-5
+    )
+
+
+@pytest.mark.slow
+def test_all_32_images_blurred_and_wiener_means(levin):
+    cases = [load_case(levin, i, k) for i in range(1, 5) for k in range(1, 9)]
+    blurred = [score(c.blurred, c.sharp) for c in cases]
+    wien = [score(wiener(c), c.sharp) for c in cases]
+    assert np.mean([s["psnr"] for s in blurred]) == pytest.approx(23.25, abs=0.01)
+    assert np.mean([s["ssim"] for s in blurred]) == pytest.approx(0.699, abs=0.001)
+    assert np.mean([s["psnr"] for s in wien]) == pytest.approx(31.13, abs=0.01)
+    assert np.mean([s["ssim"] for s in wien]) == pytest.approx(0.8693, abs=2e-4)
+
+
+def test_kernel_orientation_matters(levin):
+    """Using the kernel as a convolution (not correlation) filter must score far worse."""
+    case = load_case(levin, 1, 8)
+    flipped = type(case)(
+        case.image, case.kernel_index, case.sharp, case.blurred, case.kernel[::-1, ::-1].copy()
+    )
+    assert score(wiener(case), case.sharp)["psnr"] > score(wiener(flipped), case.sharp)["psnr"] + 3

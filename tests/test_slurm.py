@@ -1,0 +1,135 @@
+"""The real ``profiles/slurm`` profile against a running SLURM cluster.
+
+CI starts a single-node cluster with ``.ci/slurm/start.sh`` (see the Makefile's ``test``
+target); elsewhere these tests are skipped. CI-only overrides of site settings, given on
+the command line below and nowhere else: ``--slurm-status-command squeue`` (the CI
+cluster has no accounting database, so ``sacct`` cannot work) and shorter status polling.
+Partitions (``cpu``, ``gpu``), GPU requests, retries and tile grouping come from the
+profile unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from cider.workflow import FAIL_ENV
+
+from .conftest import ROOT
+from .test_workflow import _dataset
+
+
+def _slurm_ready() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no SLURM on this machine (CI starts one with .ci/slurm/start.sh)"
+    out = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True)
+    if out.returncode or not re.search(r"gpu\s+(idle|mix|alloc)", out.stdout):
+        return f"SLURM not ready or no 'gpu' partition: {out.stdout.strip() or out.stderr.strip()}"
+    return None
+
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready())),
+]
+
+CI_OVERRIDES = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+                "--seconds-between-status-checks", "2", "--slurm-keep-successful-logs"]  # fmt: skip
+
+
+def _command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--profile", str(ROOT / "profiles" / "slurm"),
+            "--directory", str(config.parent), "--configfile", str(config), *CI_OVERRIDES, *extra]  # fmt: skip
+
+
+def _run(config: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(config, *extra), capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def _job_ids(folder: Path, rule: str) -> list[str]:
+    logs = (folder / ".snakemake" / "slurm_logs").glob(f"{rule}/**/*.log")
+    return sorted(p.stem for p in logs)
+
+
+def _scontrol(job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+
+
+def test_profile_runs_through_slurm_with_gpu_groups(tmp_path):
+    config = _dataset(tmp_path, (60, 60), 1.2, 32, iterations=15)
+    run = _run(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "has been submitted with SLURM jobid" in run.stdout + run.stderr
+    groups = _job_ids(tmp_path, "group_restore_features_fit")
+    assert len(groups) == 1, groups  # 4 tiles × (features + fit) packed into one SLURM job
+    info = _scontrol(groups[0])
+    assert "Partition=gpu" in info and "gpu:1" in info, info
+    assert "cpu=4" in info and "mem=32000M" in info  # not 8× (the group runs its tiles in series)
+    assert _job_ids(tmp_path, "rule_prepare") and _job_ids(tmp_path, "rule_stitch")
+    assert (tmp_path / "out" / "input.ome.zarr").is_dir()
+
+
+def test_failed_tile_is_retried_then_rerun_alone(tmp_path):
+    clean_dir, fail_dir = tmp_path / "clean", tmp_path / "fail"
+    clean_dir.mkdir(), fail_dir.mkdir()
+    clean, failing = (_dataset(d, (60, 60), 1.2, 32, iterations=15) for d in (clean_dir, fail_dir))
+    assert _run(clean).returncode == 0
+    first = _run(failing, "--retries", "1", env={FAIL_ENV: "u000-t00001"})
+    assert first.returncode != 0
+    log = first.stdout + first.stderr
+    assert "Error in group restore" in log and "u000-t00001" in log
+    assert len(_job_ids(fail_dir, "group_restore_features_fit")) >= 2  # submitted, failed, retried
+    assert not (fail_dir / "out" / "work" / "tiles" / "u000-t00001.npy").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in (fail_dir / "out" / "work" / "tiles").glob("*.npy")}
+    second = _run(failing, "--rerun-incomplete")
+    assert second.returncode == 0, second.stderr[-3000:]
+    tiles = fail_dir / "out" / "work" / "tiles"
+    assert all(
+        (tiles / name).stat().st_mtime_ns == t for name, t in done.items()
+    )  # finished tiles not redone
+    np.testing.assert_array_equal(
+        tifffile.imread(clean_dir / "out" / "input.tif"), tifffile.imread(fail_dir / "out" / "input.tif")
+    )
+
+
+def test_scancel_of_a_running_tile_job_is_not_marked_done(tmp_path):
+    config = _dataset(tmp_path, (60, 60), 1.2, 32, iterations=400)
+    process = subprocess.Popen(
+        _command(config, "--retries", "0"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    job = None
+    for _ in range(240):
+        out = subprocess.run(
+            ["squeue", "-h", "-p", "gpu", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True
+        )
+        if out.stdout.strip():
+            job = out.stdout.split()[0]
+            break
+        time.sleep(1)
+    assert job, "no tile job started running"
+    time.sleep(8)  # inside the fit
+    subprocess.run(["scancel", job], check=True)
+    process.communicate(timeout=600)
+    assert process.returncode != 0
+    tiles = tmp_path / "out" / "work" / "tiles"
+    missing = [
+        t
+        for t in ("u000-t00000", "u000-t00001", "u000-t00002", "u000-t00003")
+        if not (tiles / f"{t}.npy").exists()
+    ]
+    assert missing, "the cancelled job's tiles must not look finished"
+    second = _run(config, "--rerun-incomplete")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert all((tiles / f"{t}.npy").exists() for t in missing)
+    assert (tmp_path / "out" / "input.ome.zarr").is_dir()
