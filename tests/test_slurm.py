@@ -104,7 +104,7 @@ def test_failed_tile_is_retried_then_rerun_alone(tmp_path):
 
 
 def test_scancel_of_a_running_tile_job_is_not_marked_done(tmp_path):
-    config = _dataset(tmp_path, (60, 60), 1.2, 32, iterations=400)
+    config = _dataset(tmp_path, (60, 60), 1.2, 32, iterations=100)
     process = subprocess.Popen(
         _command(config, "--retries", "0"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -118,7 +118,7 @@ def test_scancel_of_a_running_tile_job_is_not_marked_done(tmp_path):
             break
         time.sleep(1)
     assert job, "no tile job started running"
-    time.sleep(8)  # inside the fit
+    time.sleep(6)  # inside the group job (features or fit of its first tiles)
     subprocess.run(["scancel", job], check=True)
     process.communicate(timeout=600)
     assert process.returncode != 0

@@ -529,6 +529,9 @@ def script_args(rule: str, namespace: dict) -> tuple[dict, dict]:
 
 
 def _set_threads(threads: int) -> None:
+    """Use the rule's threads, but never more than the CPUs this process may run on
+    (a node that over-reports CPUs would otherwise make torch oversubscribe them)."""
     import torch
 
-    torch.set_num_threads(max(1, int(threads)))
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(int(threads), available)))
