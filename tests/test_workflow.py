@@ -182,3 +182,24 @@ def test_every_script_runs_alone_and_documents_it():
         assert "Run alone:" in text and len(text.splitlines()) <= 30, script.name
         out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "--config" in out.stdout, script.name
+
+
+def test_ome_zarr_and_zarr_inputs_are_read_and_planned(tmp_path):
+    """An OME-Zarr (as we write it) and a plain Zarr array are valid inputs of the plan."""
+    import zarr
+
+    from cider import io
+
+    volume = np.random.default_rng(0).random((2, 8, 40, 30)).astype(np.float32)
+    io.write_ome_zarr(tmp_path / "in.ome.zarr", volume, "CZYX", [0.5, 0.2, 0.2], levels=2)
+    np.testing.assert_array_equal(io.read_image(tmp_path / "in.ome.zarr"), volume)
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(8, 40, 30), chunks=(8, 20, 15), dtype="float32")[
+        ...
+    ] = volume[0]
+    for path, axes, units in ((tmp_path / "in.ome.zarr", "CZYX", 2), (tmp_path / "plain.zarr", "ZYX", 1)):
+        config = validate_config({"name": "z", "input": {"path": str(path), "axes": axes, "voxel_size": [0.5, 0.2, 0.2]},
+                                  "psf": {"gaussian_sigma": [0.5, 1.0, 1.0]}, "output_dir": str(tmp_path / "o"),
+                                  "tiling": {"tile_size": [8, 20, 20]}})  # fmt: skip
+        plan = make_plan(config)
+        assert len(plan.units) == units and plan.units[0].shape == (8, 40, 30)
+        assert len(plan.tiles) == units * 4
