@@ -39,6 +39,7 @@ __all__ = [
     "fit_generator",
     "resolve_device",
     "validate_image",
+    "to_data_units",
 ]
 
 GENERATOR_INPUTS = ("features", "image_rl", "noise")
@@ -380,10 +381,15 @@ def restore(
     with _progress_bar(config) as callback:
         estimate, losses = fit_generator(features, prepared, config, callback)
     timings["fit"] = time.perf_counter() - start - timings["prepare"] - timings["features"]
-    restored = crop_to_image(estimate, prepared.psf.shape).cpu().numpy().astype(np.float64)
-    restored = (restored * prepared.scale + prepared.low).astype(np.float32)
+    restored = to_data_units(estimate, prepared)
     timings["total"] = time.perf_counter() - start
     return Result(restored, losses, timings, str(device), len(losses))
+
+
+def to_data_units(estimate: torch.Tensor, prepared: Prepared) -> np.ndarray:
+    """Crop a fitted estimate to the image's field of view and scale it back (float32)."""
+    restored = crop_to_image(estimate, prepared.psf.shape).cpu().numpy().astype(np.float64)
+    return (restored * prepared.scale + prepared.low).astype(np.float32)
 
 
 def crop_to_image(estimate: torch.Tensor, psf_shape: tuple[int, ...]) -> torch.Tensor:

@@ -381,7 +381,7 @@ def run_fit(config: dict, tile_id: str) -> dict:
     """Generator fit of one tile → restored padded tile (``tiles/``) and metrics JSON."""
     import torch
 
-    from .restore import crop_to_image, fit_generator
+    from .restore import fit_generator, to_data_units
 
     if tile_id in os.environ.get(FAIL_ENV, "").split(","):
         raise RuntimeError(f"tile {tile_id}: failure injected through ${FAIL_ENV} (testing hook)")
@@ -390,8 +390,7 @@ def run_fit(config: dict, tile_id: str) -> dict:
     prepared, rcfg = _prepared_tile(config, tile)
     features = torch.from_numpy(np.load(p.features(tile_id))).to(prepared.observation.device)
     estimate, losses = fit_generator(features, prepared, rcfg)
-    restored = crop_to_image(estimate, prepared.psf.shape).cpu().numpy().astype(np.float64)
-    restored = (restored * prepared.scale + prepared.low).astype(np.float32)
+    restored = to_data_units(estimate, prepared)
     metrics = {"tile": tile_id, "unit": f"u{tile.unit:03d}", "padded": [list(w) for w in tile.padded],
                "iterations": len(losses), "final_loss": losses[-1] if losses else None,
                "loss_history": losses[:: max(1, len(losses) // 200)], "seconds": round(time.perf_counter() - start, 2),
