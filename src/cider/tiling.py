@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Tile", "tile_grid", "minimum_margin", "tile_weights", "stitch", "cut"]
+__all__ = ["Tile", "unit_name", "tile_grid", "minimum_margin", "tile_weights", "stitch", "cut"]
 
 Window = tuple[tuple[int, int], ...]
 
@@ -49,12 +49,22 @@ class Tile:
         return tuple(slice(a, b) for a, b in getattr(self, window))
 
     @property
+    def unit_id(self) -> str:
+        """Name of the tile's image (the prefix of its id)."""
+        return self.id.split("-")[0]
+
+    @property
     def padded_shape(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in self.padded)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "unit": self.unit, "grid_index": list(self.grid_index),
                 "core": [list(w) for w in self.core], "padded": [list(w) for w in self.padded]}  # fmt: skip
+
+
+def unit_name(unit: int) -> str:
+    """Name of image number ``unit`` (``u000``); the prefix of its tiles' ids."""
+    return f"u{unit:03d}"
 
 
 def minimum_margin(psf_shape: Sequence[int]) -> tuple[int, ...]:
@@ -103,7 +113,7 @@ def tile_grid(shape: Sequence[int], tile: Sequence[int], margin: Sequence[int], 
     for flat, index in enumerate(np.ndindex(*[len(b) - 1 for b in bounds])):
         core = tuple((b[i], b[i + 1]) for b, i in zip(bounds, index))
         padded = tuple((max(0, a - m), min(n, b + m)) for (a, b), m, n in zip(core, margin, shape))
-        tiles.append(Tile(f"u{unit:03d}-t{flat:05d}", unit, tuple(int(i) for i in index), core, padded))
+        tiles.append(Tile(f"{unit_name(unit)}-t{flat:05d}", unit, tuple(int(i) for i in index), core, padded))
     return tiles
 
 

@@ -24,7 +24,7 @@ from . import io
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError
 from .psf import gaussian_psf, lightsheet_psf, validate_psf, widefield_psf
-from .tiling import Tile, minimum_margin, stitch, tile_grid
+from .tiling import Tile, minimum_margin, stitch, tile_grid, unit_name
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 FAIL_ENV = "CIDER_FAIL_TILES"  # comma-separated tile ids whose fit raises (fault-injection for tests)
@@ -147,15 +147,11 @@ class Plan:
     def tile(self, tile_id: str) -> Tile:
         return self._tiles()[tile_id]
 
-    def unit(self, unit_id: str) -> Unit:
-        return {u.id: u for u in self.units}[unit_id]
-
     def _tiles(self) -> dict[str, Tile]:
         return {t.id: t for t in self.tiles}
 
     def tiles_of(self, unit_id: str) -> list[Tile]:
-        number = int(unit_id[1:])
-        return [t for t in self.tiles if t.unit == number]
+        return [t for t in self.tiles if t.unit_id == unit_id]
 
     def units_of(self, name: str) -> list[Unit]:
         return [u for u in self.units if u.name == name]
@@ -213,16 +209,26 @@ def _units(config: dict) -> list[Unit]:
         outer = [n for a, n in zip(axes, shape) if a in "TC"]
         for index in np.ndindex(*outer):
             spatial_shape = tuple(n for a, n in zip(axes, shape) if a in "ZYX")
-            units.append(Unit(f"u{len(units):03d}", name, file, tuple(int(i) for i in index), spatial_shape))
+            units.append(Unit(unit_name(len(units)), name, file, tuple(int(i) for i in index), spatial_shape))
     return units
 
 
 def make_psf(config: dict, ndim: int) -> np.ndarray:
-    """The PSF the config describes (file, Gaussian or optical model), validated."""
+    """The PSF the config describes (file, Gaussian or optical model), validated.
+
+    Computed once per process (the plan and a tile's restore both need it).
+    """
+    key = json.dumps({"psf": config["psf"], "voxel_size": config["input"]["voxel_size"]}, sort_keys=True)
+    return _cached_psf(key, ndim).copy()
+
+
+@lru_cache(maxsize=8)
+def _cached_psf(key: str, ndim: int) -> np.ndarray:
+    config = json.loads(key)
     spec = config["psf"]
     if spec.get("file"):
         return validate_psf(io.read_psf(spec["file"]), name=f"config key 'psf.file' ({spec['file']})")
-    voxel = config["input"]["voxel_size"]
+    voxel = config["voxel_size"]
     if spec.get("model"):
         size = spec.get("size")
         if not size or len(size) != ndim:
@@ -265,7 +271,7 @@ def _cached_plan(config_json: str) -> Plan:
     for u in units:
         if any(k > n for k, n in zip(psf_shape, u.shape)):
             raise CiderError(f"{u.file}: image shape {u.shape} is smaller than the PSF {psf_shape}")
-    tiles = [t for u in units for t in tile_grid(u.shape, tile_size, margin, unit=int(u.id[1:]))]
+    tiles = [t for number, u in enumerate(units) for t in tile_grid(u.shape, tile_size, margin, unit=number)]
     small = [t.id for t in tiles if any(n < k for n, k in zip(t.padded_shape, psf_shape))]
     if small:
         raise CiderError(
@@ -353,8 +359,8 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
 
     p = paths(config)
     window = tile.slices()
-    data = np.asarray(_unit_array(config, f"u{tile.unit:03d}")[window], dtype=np.float64)
-    unit_id = f"u{tile.unit:03d}"
+    unit_id = tile.unit_id
+    data = np.asarray(_unit_array(config, unit_id)[window], dtype=np.float64)
     background = (
         np.load(p.background(unit_id), mmap_mode="r")[window] if config["background"]["enabled"] else None
     )
@@ -391,7 +397,7 @@ def run_fit(config: dict, tile_id: str) -> dict:
     features = torch.from_numpy(np.load(p.features(tile_id))).to(prepared.observation.device)
     estimate, losses = fit_generator(features, prepared, rcfg)
     restored = to_data_units(estimate, prepared)
-    metrics = {"tile": tile_id, "unit": f"u{tile.unit:03d}", "padded": [list(w) for w in tile.padded],
+    metrics = {"tile": tile_id, "unit": tile.unit_id, "padded": [list(w) for w in tile.padded],
                "iterations": len(losses), "final_loss": losses[-1] if losses else None,
                "loss_history": losses[:: max(1, len(losses) // 200)], "seconds": round(time.perf_counter() - start, 2),
                "device": str(prepared.observation.device)}  # fmt: skip
