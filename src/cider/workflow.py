@@ -14,7 +14,7 @@ import os
 import time
 from copy import deepcopy
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -145,9 +145,10 @@ class Plan:
     blend: tuple[int, ...]
 
     def tile(self, tile_id: str) -> Tile:
-        return self._tiles()[tile_id]
+        return self._tiles_by_id[tile_id]
 
-    def _tiles(self) -> dict[str, Tile]:
+    @cached_property
+    def _tiles_by_id(self) -> dict[str, Tile]:
         return {t.id: t for t in self.tiles}
 
     def tiles_of(self, unit_id: str) -> list[Tile]:

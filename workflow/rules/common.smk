@@ -19,7 +19,7 @@ wildcard_constraints:
 
 def unit_of_tile(wildcards):
     """Intensity range (and background) of the unit a tile belongs to."""
-    unit = wildcards.tile.split("-")[0]
+    unit = PLAN.tile(wildcards.tile).unit_id
     files = [str(PATHS.intensity(unit))]
     if config["background"]["enabled"]:
         files.append(str(PATHS.background(unit)))
