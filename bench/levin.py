@@ -42,7 +42,23 @@ QUOTED = [
 ]
 
 
-def run_method(case: Case, method: str, iterations: int, device: str) -> tuple[np.ndarray, dict]:
+def restore_config(method: str, iterations: int, device: str, overrides: dict) -> RestoreConfig:
+    """Settings of a generator-based method: package defaults plus ``--set`` overrides."""
+    return RestoreConfig(iterations=iterations, normalize=False, device=device,
+                         generator_input=GENERATOR_INPUT[method]).with_(**overrides)  # fmt: skip
+
+
+def settings(config: RestoreConfig) -> dict:
+    """The settings that change a result; stored with it, so a stale result is not reused."""
+    keys = ("iterations", "learning_rate", "lr_milestones", "weight_decay", "ssim_weight",
+            "hessian_weight", "sparsity_weight", "rl_iterations", "feature_offset",
+            "generator_input", "seed", "feature_weights")  # fmt: skip
+    return {key: getattr(config, key) for key in keys} | {"lr_milestones": list(config.lr_milestones)}
+
+
+def run_method(
+    case: Case, method: str, iterations: int, config: RestoreConfig | None
+) -> tuple[np.ndarray, dict]:
     """Restore one case with one method; return the estimate (255 × 255) and extra info."""
     if method == "blurred":
         return case.blurred, {}
@@ -53,23 +69,34 @@ def run_method(case: Case, method: str, iterations: int, device: str) -> tuple[n
         x = richardson_lucy(y, case.psf, iterations, boundary="valid").numpy()
         r = case.psf.shape[0] // 2
         return x[r:-r, r:-r], {}
-    config = RestoreConfig(iterations=iterations, normalize=False, device=device,
-                           generator_input=GENERATOR_INPUT[method])  # fmt: skip
     result = restore(case.blurred, case.psf, config, intensity_range=(0.0, 1.0))
     return result.restored, {"seconds": round(result.timings["total"], 1), "device": result.device,
-                             "final_loss": result.loss_history[-1]}  # fmt: skip
+                             "final_loss": result.loss_history[-1], "settings": settings(config)}  # fmt: skip
 
 
-def evaluate(cases, method: str, iterations: int, device: str) -> list[dict]:
+def result_tag(method: str, iterations: int, overrides: dict) -> str:
+    """Folder name of one row: ``cider_1000``, or ``cider_1000_hessian_weight=0.02`` with overrides."""
+    if method in ("blurred", "wiener"):
+        return method
+    return "_".join([method, str(iterations), *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+
+
+def evaluate(cases, method: str, iterations: int, device: str, overrides: dict | None = None) -> list[dict]:
+    """Score ``method`` on ``cases``, reusing stored results made with the same settings."""
+    overrides = overrides or {}
+    config = restore_config(method, iterations, device, overrides) if method in GENERATOR_INPUT else None
     rows = []
     for case in cases:
-        tag = method if method in ("blurred", "wiener") else f"{method}_{iterations}"
+        tag = result_tag(method, iterations, overrides)
         path = RESULTS / "levin" / tag / f"{case.name}.json"
         if path.exists():
-            rows.append(json.loads(path.read_text()))
-            continue
+            row = json.loads(path.read_text())
+            if config is None or row.get("settings") == settings(config):
+                rows.append(row)
+                continue
+            print(f"{tag} {case.name}: stored result was made with other settings; recomputing")
         start = time.perf_counter()
-        estimate, info = run_method(case, method, iterations, device)
+        estimate, info = run_method(case, method, iterations, config)
         row = {
             "case": case.name,
             "method": method,
@@ -103,16 +130,37 @@ def table(results: dict[str, list[dict]], cases) -> str:
     return head + "\n".join(lines) + "\n" + quoted + "\n"
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["hessian_weight=0.02"]`` → ``{"hessian_weight": 0.02}``, typed like the default."""
+    defaults = RestoreConfig()
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if not hasattr(defaults, key) or key in ("iterations", "generator_input", "background"):
+            raise SystemExit(f"--set {pair}: {key!r} is not a RestoreConfig field that can be set here")
+        default = getattr(defaults, key)
+        if isinstance(default, bool):
+            overrides[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, tuple):
+            overrides[key] = tuple(float(v) for v in value.split(","))
+        else:
+            overrides[key] = value if default is None else type(default)(value)
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--subset", choices=["6", "all"], default="6", help="6-image subset or all 32")
+    parser.add_argument("--cases", nargs="+", help="only these cases of the subset, e.g. im1_k1 im4_k7")
     parser.add_argument(
         "--methods", nargs="+", default=["blurred", "wiener", "rl", "selfdeblur", "image_rl", "cider"]
     )
     parser.add_argument("--iterations", type=int, nargs="+", default=[500], help="generator iterations")
-    parser.add_argument("--rl-iterations", type=int, nargs="+", default=[10, 20, 50, 100])
+    parser.add_argument("--rl-iterations", type=int, nargs="+", default=[10, 20, 50, 100, 200, 400])
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="RestoreConfig overrides for the generator methods, e.g. hessian_weight=0.02")  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(RESULTS / "levin.md"))
@@ -120,6 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     pairs = SUBSET6 if args.subset == "6" else [(i, k) for i in range(1, 5) for k in range(1, 9)]
     cases = [load_case(DATA, i, k) for i, k in pairs]
+    if args.cases:
+        unknown = set(args.cases) - {case.name for case in cases}
+        if unknown:
+            parser.error(f"--cases: {sorted(unknown)} not in the {args.subset!r} subset")
+        cases = [case for case in cases if case.name in args.cases]
+    overrides = parse_overrides(args.set)
     results: dict[str, list[dict]] = {}
     for method in args.methods:
         if method in ("blurred", "wiener"):
@@ -130,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             results[f"rl (best: {best} it.)"] = runs[best]
         else:
             for n in args.iterations:
-                results[f"{method} {n} it."] = evaluate(cases, method, n, args.device)
+                label = f"{method} {n} it." + "".join(f", {k}={v}" for k, v in overrides.items())
+                results[label] = evaluate(cases, method, n, args.device, overrides)
     text = f"Levin benchmark, {len(cases)} images, PSNR (dB) / SSIM, one scorer for every row.\n\n" + table(
         results, cases
     )
