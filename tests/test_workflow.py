@@ -75,6 +75,14 @@ def test_schema_fills_defaults():
     assert config["tiling"]["margin"] == "auto" and config["restore"]["iterations"] == 3000
 
 
+def test_schema_restore_defaults_are_the_library_defaults():
+    from cider import RestoreConfig
+
+    restore = validate_config(_minimal())["restore"]
+    library = RestoreConfig()
+    assert restore == {key: getattr(library, key) for key in restore}
+
+
 def test_schema_rejects_unknown_key_naming_it():
     config = _minimal() | {"tiling": {"tile_sise": 64}}
     with pytest.raises(CiderError, match=r"key 'tiling'.*'tile_sise' was unexpected"):
