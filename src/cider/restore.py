@@ -92,9 +92,9 @@ class RestoreConfig:
     lr_milestones: tuple[float, ...] = (2 / 3, 0.77, 0.9)
     weight_decay: float = 1e-5
     ssim_weight: float = 1.0
-    hessian_weight: float = 0.06
+    hessian_weight: float = 0.02
     sparsity_weight: float = 0.0
-    rl_iterations: int = 50
+    rl_iterations: int = 20
     feature_offset: float = 0.01
     generator_input: str = "features"
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
