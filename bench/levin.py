@@ -1,7 +1,12 @@
 """Levin benchmark: CiDeR (ours) against classic baselines and ablations, one protocol.
 
-    python bench/levin.py --subset 6 --iterations 250 500 1000
+    python bench/levin.py                      # 6-image subset, every row (hours on CPU)
     python bench/levin.py --subset all --methods blurred wiener rl
+    python bench/levin.py --methods cider --iterations 1000 --cases im1_k1 im4_k7 \
+        --set hessian_weight=0.06 rl_iterations=50   # a settings sweep, stored apart
+
+Runs on different cases can go in parallel processes (``--threads 1`` each); a last
+run without ``--cases`` then only reads the stored results and writes the table.
 
 Writes one JSON per (method, image) under ``bench/results/levin/`` (existing ones are
 reused, so a long run can be resumed) and the table ``bench/results/levin.md``.
@@ -157,7 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["blurred", "wiener", "rl", "selfdeblur", "image_rl", "cider"]
     )
-    parser.add_argument("--iterations", type=int, nargs="+", default=[500], help="generator iterations")
+    parser.add_argument(
+        "--iterations", type=int, nargs="+", default=[250, 500, 1000], help="cider iterations"
+    )
+    parser.add_argument("--ablation-iterations", type=int, nargs="+", default=[1000],
+                        help="iterations of the selfdeblur and image_rl ablations")  # fmt: skip
     parser.add_argument("--rl-iterations", type=int, nargs="+", default=[10, 20, 50, 100, 200, 400])
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="RestoreConfig overrides for the generator methods, e.g. hessian_weight=0.02")  # fmt: skip
@@ -183,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             best = max(runs, key=lambda n: np.mean([r["psnr"] for r in runs[n]]))
             results[f"rl (best: {best} it.)"] = runs[best]
         else:
-            for n in args.iterations:
+            for n in args.iterations if method == "cider" else args.ablation_iterations:
                 label = f"{method} {n} it." + "".join(f", {k}={v}" for k, v in overrides.items())
                 results[label] = evaluate(cases, method, n, args.device, overrides)
     text = f"Levin benchmark, {len(cases)} images, PSNR (dB) / SSIM, one scorer for every row.\n\n" + table(

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     r.add_argument("--background", action="store_true", help="remove a wavelet background first")
     r.add_argument("--sparsity", type=float, default=0.0, help="L1 sparsity weight (fluorescence: ~0.1-1)")
-    r.add_argument("--hessian", type=float, help="Hessian smoothness weight (default: RestoreConfig.hessian_weight)")
+    r.add_argument(
+        "--hessian", type=float, help="Hessian smoothness weight (default: RestoreConfig.hessian_weight)"
+    )
     r.add_argument(
         "--early-stop", type=int, default=0, metavar="N", help="stop after N iterations without progress"
     )
