@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,28 @@ def restore_config(method: str, iterations: int, device: str, overrides: dict) -
 
 
 def settings(config: RestoreConfig) -> dict:
-    """The settings that change a result; stored with it, so a stale result is not reused."""
-    keys = ("iterations", "learning_rate", "lr_milestones", "weight_decay", "ssim_weight",
-            "hessian_weight", "sparsity_weight", "rl_iterations", "feature_offset",
-            "generator_input", "seed", "feature_weights")  # fmt: skip
-    return {key: getattr(config, key) for key in keys} | {"lr_milestones": list(config.lr_milestones)}
+    """Every setting that can change a result; stored with it, so a stale result is not reused.
+
+    All ``RestoreConfig`` fields except ``device`` and ``progress`` (which change neither
+    the arithmetic's outcome on one device nor the result), as plain JSON values.
+    """
+    values = asdict(config)
+    for key in ("device", "progress"):
+        values.pop(key)
+    return json.loads(json.dumps(values))
+
+
+def same_settings(stored: dict | None, config: RestoreConfig, baseline: RestoreConfig) -> bool:
+    """Whether a stored result was made with ``config``'s settings.
+
+    A field missing from ``stored`` (a result made before the field existed) counts as
+    its value in ``baseline``, the bench's settings without ``--set`` overrides: a new
+    field's default must keep the old behaviour.
+    """
+    if stored is None:
+        return False
+    fallback = settings(baseline)
+    return all(stored.get(key, fallback[key]) == value for key, value in settings(config).items())
 
 
 def run_method(
@@ -89,14 +107,17 @@ def result_tag(method: str, iterations: int, overrides: dict) -> str:
 def evaluate(cases, method: str, iterations: int, device: str, overrides: dict | None = None) -> list[dict]:
     """Score ``method`` on ``cases``, reusing stored results made with the same settings."""
     overrides = overrides or {}
-    config = restore_config(method, iterations, device, overrides) if method in GENERATOR_INPUT else None
+    config = baseline = None
+    if method in GENERATOR_INPUT:
+        config = restore_config(method, iterations, device, overrides)
+        baseline = restore_config(method, iterations, device, {})
     rows = []
     for case in cases:
         tag = result_tag(method, iterations, overrides)
         path = RESULTS / "levin" / tag / f"{case.name}.json"
         if path.exists():
             row = json.loads(path.read_text())
-            if config is None or row.get("settings") == settings(config):
+            if config is None or same_settings(row.get("settings"), config, baseline):
                 rows.append(row)
                 continue
             print(f"{tag} {case.name}: stored result was made with other settings; recomputing")

@@ -57,3 +57,19 @@ def test_kernel_orientation_matters(levin):
         case.image, case.kernel_index, case.sharp, case.blurred, case.kernel[::-1, ::-1].copy()
     )
     assert score(wiener(case), case.sharp)["psnr"] > score(wiener(flipped), case.sharp)["psnr"] + 3
+
+
+def test_stored_results_are_reused_only_with_the_same_settings():
+    """The bench recomputes a stored result made with other settings, and reads a result
+    made before a setting existed as made with the bench's own value of it."""
+    import levin
+
+    baseline = levin.restore_config("cider", 500, "cpu", {})
+    stored = levin.settings(baseline)
+    assert levin.same_settings(stored, baseline, baseline)
+    older = {key: value for key, value in stored.items() if key != "early_stop_tol"}
+    assert levin.same_settings(older, baseline, baseline)
+    swept = levin.restore_config("cider", 500, "cpu", {"hessian_weight": 0.06})
+    assert not levin.same_settings(stored, swept, baseline)
+    assert not levin.same_settings(levin.settings(baseline.with_(learning_rate=0.02)), baseline, baseline)
+    assert not levin.same_settings(None, baseline, baseline)
