@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "--methods", nargs="+", default=["blurred", "wiener", "rl", "selfdeblur", "image_rl", "cider"]
     )
     parser.add_argument(
-        "--iterations", type=int, nargs="+", default=[250, 500, 1000], help="cider iterations"
+        "--iterations", type=int, nargs="+", default=[250, 500, 750, 1000], help="cider iterations"
     )
     parser.add_argument("--ablation-iterations", type=int, nargs="+", default=[1000],
                         help="iterations of the selfdeblur and image_rl ablations")  # fmt: skip

@@ -88,7 +88,7 @@ class RestoreConfig:
     """
 
     iterations: int = 3000
-    learning_rate: float = 0.01
+    learning_rate: float = 0.005
     lr_milestones: tuple[float, ...] = (2 / 3, 0.77, 0.9)
     weight_decay: float = 1e-5
     ssim_weight: float = 1.0
