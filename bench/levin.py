@@ -57,8 +57,8 @@ def restore_config(method: str, iterations: int, device: str, overrides: dict) -
 def settings(config: RestoreConfig) -> dict:
     """Every setting that can change a result; stored with it, so a stale result is not reused.
 
-    All ``RestoreConfig`` fields except ``device`` and ``progress`` (which change neither
-    the arithmetic's outcome on one device nor the result), as plain JSON values.
+    All ``RestoreConfig`` fields, as plain JSON values, except ``progress`` (display only)
+    and ``device`` (stored with the result on its own; a result is reused on any device).
     """
     values = asdict(config)
     for key in ("device", "progress"):
