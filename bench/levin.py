@@ -111,9 +111,9 @@ def evaluate(cases, method: str, iterations: int, device: str, overrides: dict |
     if method in GENERATOR_INPUT:
         config = restore_config(method, iterations, device, overrides)
         baseline = restore_config(method, iterations, device, {})
+    tag = result_tag(method, iterations, overrides)
     rows = []
     for case in cases:
-        tag = result_tag(method, iterations, overrides)
         path = RESULTS / "levin" / tag / f"{case.name}.json"
         if path.exists():
             row = json.loads(path.read_text())
