@@ -14,9 +14,16 @@ from pytorch_msssim import ssim
 __all__ = ["ssim_loss", "hessian_penalty", "sparsity_penalty"]
 
 
-def ssim_loss(estimate: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """``1 − SSIM`` with an 11-px Gaussian window (σ = 1.5), for (N,C,Y,X) or (N,C,Z,Y,X)."""
-    return 1 - ssim(estimate, target, data_range=data_range, win_size=11, win_sigma=1.5)
+def ssim_loss(
+    estimate: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, k2: float = 0.03
+) -> torch.Tensor:
+    """``1 − SSIM`` with an 11-px Gaussian window (σ = 1.5), for (N,C,Y,X) or (N,C,Z,Y,X).
+
+    ``k2`` sets the contrast–structure constant ``C2 = (k2 · data_range)²`` (standard:
+    0.03). Raised above the noise level, it keeps SSIM from rewarding an estimate whose
+    local variance copies the noise's (see :func:`cider.restore.fit_generator`).
+    """
+    return 1 - ssim(estimate, target, data_range=data_range, win_size=11, win_sigma=1.5, K=(0.01, k2))
 
 
 def _second_differences(x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:

@@ -3,12 +3,20 @@
 ``restore(image, psf, config)`` runs the three stages below; the workflow calls them
 one by one (features on a CPU/GPU job, the fit on a GPU job) and gets the same result.
 
-1. :func:`prepare` – validate, subtract the background, scale intensities to [0, 1];
+1. :func:`prepare` – validate, subtract the background, divide by one intensity scale
+   (zero stays zero), estimate the noise model;
 2. :func:`deconvolved_features` – deep features (or an ablation input), made positive,
    Richardson–Lucy with the PSF (``valid`` boundary, so the features already have the
    estimate's size ``image + psf − 1``), and the positivity map undone;
 3. :func:`fit_generator` – fit the generator so that its output, re-blurred by the PSF
-   (``valid``), matches the observation in SSIM, with Hessian and sparsity priors.
+   (``valid``), matches the observation in SSIM and in a noise-weighted L2 term, with
+   Hessian and sparsity priors; stop when the re-blurred estimate is as close to the data
+   as the noise allows (discrepancy principle), then rescale it to keep the observed flux.
+
+Intensities: the output is in the input's units. Zero stays zero (the data are divided by
+one positive scale, never shifted), so a restored spot's integrated intensity is
+comparable with the raw data's (after background removal, when it is on). The estimate is
+non-negative (softplus output) and is not bounded by the brightest observed value.
 """
 
 from __future__ import annotations
@@ -24,14 +32,16 @@ import torch
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError, ImageError
 from .features import extract_features, load_feature_extractor
-from .generator import Generator, GeneratorConfig
+from .generator import OUTPUTS, Generator, GeneratorConfig
 from .losses import hessian_penalty, sparsity_penalty, ssim_loss
+from .noise import NoiseModel, estimate_noise
 from .psf import validate_psf
 from .rl import BlurOperator, from_positive, richardson_lucy, to_positive
 
 __all__ = [
     "RestoreConfig",
     "Prepared",
+    "Fit",
     "Result",
     "restore",
     "prepare",
@@ -43,6 +53,7 @@ __all__ = [
 ]
 
 GENERATOR_INPUTS = ("features", "image_rl", "noise")
+STOP_RULES = ("discrepancy", "none")
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,43 @@ class RestoreConfig:
         NAdam weight decay.
     ssim_weight, hessian_weight, sparsity_weight : float
         Loss weights α, λ, β (terms are means over pixels, see :mod:`cider.losses`).
+        ``hessian_weight`` is the prior's weight on noise-free data; see
+        ``hessian_noise_weight``.
+    hessian_noise_weight : float
+        The Hessian weight grows with the noise: ``λ = hessian_weight +
+        hessian_noise_weight · σ²``, with σ the noise level (std at the mean signal, in
+        units of the intensity scale). SSIM does not know the noise, so a fixed λ is
+        either too weak for noisy microscopy or too strong for clean data; ``σ²`` is the
+        scaling of a MAP prior weight against a noise-blind data term.
+    ssim_noise_factor : float
+        SSIM's contrast constant is raised to ``k2 = max(0.03, ssim_noise_factor · σ)``
+        so that SSIM cannot reward copying the noise's local variance (flat bright
+        backgrounds otherwise come out textured); structure at or below the noise level
+        is left to the noise-weighted data term.
+    data_weight : float
+        Weight of the noise-weighted L2 data term ``σ² · mean((Ax − y)² / var(Ax))``
+        (the χ² per pixel times the mean noise variance σ², so that the term is an
+        ordinary mean squared error for uniform noise, on the same scale as SSIM, and
+        weighs dim pixels by their lower Poisson noise). It sees dim structure that SSIM
+        ignores and ties the estimate's intensities to the data's.
+    output : {"softplus", "sigmoid"}
+        Generator output: ``softplus`` (positive, unbounded) or ``sigmoid`` (paper).
+    stop : {"discrepancy", "none"}
+        ``discrepancy``: stop once χ² ≤ ``discrepancy`` (checked every ``log_every``
+        iterations): the re-blurred estimate is then as close to the data as the noise
+        allows, and further iterations would fit the noise. ``none``: run all iterations.
+    discrepancy : float
+        χ² target of the discrepancy stop (1 = the estimated noise level).
+    preserve_flux : bool
+        Rescale the final estimate so that its re-blurred sum equals the observed sum
+        (skipped when the observed sum is not positive).
+    average : float
+        Decay of an exponential moving average of the generator's output over the
+        iterations (0: off, the last output is the estimate). Averaging cancels the
+        iteration-to-iteration fluctuations with which a generator follows the noise.
+    log_every : int
+        Iterations between loss read-outs, callbacks and stop checks (each read-out is a
+        device synchronisation).
     rl_iterations : int
         Richardson–Lucy iterations on the features.
     feature_offset : float
@@ -71,7 +119,8 @@ class RestoreConfig:
     background : BackgroundConfig
         Wavelet background removal (off by default; on for fluorescence data).
     normalize : bool
-        Scale intensities to [0, 1] by their min and max (or ``intensity_range``).
+        Divide intensities by the maximum of the (background-subtracted) data, or by the
+        ``scale`` given to :func:`prepare`; zero stays zero.
     device : str
         ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     seed : int
@@ -93,7 +142,16 @@ class RestoreConfig:
     weight_decay: float = 1e-5
     ssim_weight: float = 1.0
     hessian_weight: float = 0.02
+    hessian_noise_weight: float = 60.0
+    ssim_noise_factor: float = 5.0
     sparsity_weight: float = 0.0
+    data_weight: float = 100.0
+    output: str = "softplus"
+    stop: str = "none"
+    discrepancy: float = 1.0
+    preserve_flux: bool = True
+    average: float = 0.0
+    log_every: int = 10
     rl_iterations: int = 20
     feature_offset: float = 0.01
     generator_input: str = "features"
@@ -113,7 +171,13 @@ class RestoreConfig:
             "rl_iterations": self.rl_iterations >= 0,
             "ssim_weight": self.ssim_weight >= 0,
             "hessian_weight": self.hessian_weight >= 0,
+            "hessian_noise_weight": self.hessian_noise_weight >= 0,
+            "ssim_noise_factor": self.ssim_noise_factor >= 0,
             "sparsity_weight": self.sparsity_weight >= 0,
+            "data_weight": self.data_weight >= 0,
+            "discrepancy": self.discrepancy > 0,
+            "log_every": self.log_every >= 1,
+            "average": 0 <= self.average < 1,
             "feature_offset": self.feature_offset > 0,
             "early_stop_patience": self.early_stop_patience >= 0,
             "lr_milestones": all(0 < m < 1 for m in self.lr_milestones),
@@ -122,6 +186,11 @@ class RestoreConfig:
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise CiderError(f"RestoreConfig: invalid value(s) {values}; see the RestoreConfig docstring")
+        for name, allowed in (("stop", STOP_RULES), ("output", OUTPUTS)):
+            if getattr(self, name) not in allowed:
+                raise CiderError(
+                    f"RestoreConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
         if self.generator_input not in GENERATOR_INPUTS:
             raise CiderError(
                 f"RestoreConfig: generator_input must be one of {GENERATOR_INPUTS}, got {self.generator_input!r}"
@@ -136,15 +205,18 @@ class RestoreConfig:
 
 @dataclass
 class Prepared:
-    """Observation ready for the method: scaled to [0, 1], background removed.
+    """Observation ready for the method: background removed, divided by ``scale``.
 
-    ``image = observation * scale + low`` maps results back to data units.
+    ``image = observation * scale`` maps results back to data units; ``noise`` is the
+    noise model of ``observation`` (already scaled) and ``noise_level`` its standard
+    deviation at the mean signal (same units), which sets the noise-aware loss weights.
     """
 
     observation: torch.Tensor
     psf: torch.Tensor
-    low: float
     scale: float
+    noise: NoiseModel
+    noise_level: float
 
 
 @dataclass
@@ -158,6 +230,10 @@ class Result:
         (background removed when background removal was on), float32.
     loss_history : list of float
         Total loss per iteration.
+    chi2 : float
+        Final data misfit per pixel in units of the estimated noise variance.
+    stopped : str
+        Why the fit ended: ``discrepancy``, ``plateau``, ``iterations`` or ``flat``.
     timings : dict
         Seconds per stage (``prepare``, ``features``, ``fit``, ``total``).
     device : str
@@ -171,6 +247,8 @@ class Result:
     timings: dict[str, float]
     device: str
     iterations: int
+    chi2: float = math.nan
+    stopped: str = "iterations"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -210,10 +288,12 @@ def prepare(
     psf: np.ndarray,
     config: RestoreConfig,
     background: np.ndarray | None = None,
-    intensity_range: tuple[float, float] | None = None,
+    scale: float | None = None,
+    noise: NoiseModel | None = None,
     device: torch.device | None = None,
+    mean_signal: float | None = None,
 ) -> Prepared:
-    """Validate inputs, remove the background, scale to [0, 1].
+    """Validate inputs, remove the background, divide by one intensity scale.
 
     Parameters
     ----------
@@ -224,9 +304,17 @@ def prepare(
     background : np.ndarray, optional
         A background already estimated (the workflow estimates it once per image so that
         tiles agree); if given, it is subtracted and ``config.background`` is ignored.
-    intensity_range : (low, high), optional
-        Fixed scaling (the workflow uses one range for all tiles); default: min and max
-        of the background-subtracted image.
+    scale : float, optional
+        Data units per unit of the method (the workflow uses one scale for all tiles of
+        an image); default: the maximum of the background-subtracted image when
+        ``config.normalize``, else 1. Zero is never shifted.
+    noise : NoiseModel, optional
+        Noise model in data units (the workflow estimates it once per image); default:
+        :func:`cider.noise.estimate_noise` of the background-subtracted image.
+    mean_signal : float, optional
+        Mean signal (data units) at which the noise level is taken (the workflow passes
+        the whole image's, so that all tiles get the same loss weights); default: the
+        image's mean.
     device : torch.device, optional
         Default: ``resolve_device(config.device)``.
     """
@@ -237,15 +325,15 @@ def prepare(
         image = image - np.asarray(background, dtype=np.float64)
     elif config.background.enabled:
         image = image - wavelet_background(image, config.background)
-    if intensity_range is not None:
-        low, high = map(float, intensity_range)
-    elif config.normalize:
-        low, high = float(image.min()), float(image.max())
-    else:
-        low, high = 0.0, 1.0
-    scale = high - low if high > low else 1.0
-    observation = torch.as_tensor((image - low) / scale, dtype=torch.float32, device=device)
-    return Prepared(observation, torch.as_tensor(psf, dtype=torch.float32, device=device), low, scale)
+    if scale is None:
+        scale = float(image.max()) if config.normalize else 1.0
+    scale = float(scale) if scale > 0 else 1.0
+    noise = (noise or estimate_noise(image)).scaled(1 / scale)
+    mean_signal = float(image.mean()) if mean_signal is None else float(mean_signal)
+    level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
+    observation = torch.as_tensor(image / scale, dtype=torch.float32, device=device)
+    psf_t = torch.as_tensor(psf, dtype=torch.float32, device=device)
+    return Prepared(observation, psf_t, scale, noise, level)
 
 
 def deconvolved_features(prepared: Prepared, config: RestoreConfig) -> torch.Tensor:
@@ -273,12 +361,53 @@ def _lr_schedule(
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.5)
 
 
+def noise_aware_weights(config: RestoreConfig, noise_level: float) -> tuple[float, float]:
+    """Hessian weight and SSIM ``k2`` for a noise level σ (see :class:`RestoreConfig`)."""
+    hessian = config.hessian_weight + config.hessian_noise_weight * noise_level**2
+    return hessian, max(0.03, config.ssim_noise_factor * noise_level)
+
+
+@dataclass
+class Fit:
+    """Outcome of :func:`fit_generator`.
+
+    Attributes
+    ----------
+    estimate : torch.Tensor
+        The estimate, shape ``object_shape`` (units of the prepared observation).
+    losses : list of float
+        Total loss per iteration.
+    chi2 : float
+        Final data misfit per pixel in units of the noise variance.
+    stopped : str
+        ``discrepancy`` (χ² reached the noise level), ``plateau`` (early stopping),
+        ``iterations`` (ran them all) or ``flat`` (a constant observation, returned as
+        itself without a fit).
+    flux_factor : float
+        Factor the estimate was multiplied by to keep the observed flux (1 if not).
+    """
+
+    estimate: torch.Tensor
+    losses: list[float]
+    chi2: float
+    stopped: str
+    flux_factor: float = 1.0
+
+    @property
+    def iterations(self) -> int:
+        return len(self.losses)
+
+
+def _is_flat(y: torch.Tensor) -> bool:
+    return bool((y.amax() - y.amin()) <= 1e-7 * max(float(y.abs().amax()), 1e-30))
+
+
 def fit_generator(
     features: torch.Tensor,
     prepared: Prepared,
     config: RestoreConfig,
-    callback: Callable[[int, float], None] | None = None,
-) -> tuple[torch.Tensor, list[float]]:
+    callback: Callable[[int, float, torch.Tensor], None] | None = None,
+) -> Fit:
     """Fit a freshly initialised generator to one observation.
 
     Parameters
@@ -286,54 +415,106 @@ def fit_generator(
     features : torch.Tensor
         Generator input ``(C, *object_shape)`` from :func:`deconvolved_features`.
     prepared : Prepared
-        Observation and PSF.
+        Observation, PSF and noise model.
     config : RestoreConfig
-        Loss weights, optimiser and schedule.
+        Loss weights, optimiser, schedule and stopping rule.
     callback : callable, optional
-        Called as ``callback(iteration, loss)`` after every iteration.
+        Called as ``callback(iteration, loss, estimate)`` every ``config.log_every``
+        iterations (``estimate`` is the current output, detached).
 
     Returns
     -------
-    estimate, losses
-        The estimate of shape ``object_shape`` (values in [0, 1]) and the loss per
-        iteration.
+    Fit
+        Estimate, loss history and why the fit stopped.
+
+    Raises
+    ------
+    CiderError
+        If the fit produced non-finite values (never written out silently).
     """
     y, psf = prepared.observation, prepared.psf
     ndim = y.ndim
-    torch.manual_seed(config.seed)
-    generator = Generator(ndim, GeneratorConfig(in_channels=features.shape[0])).to(y.device)
     blur = BlurOperator(psf, y.shape, boundary="valid")
+    object_shape = blur.object_shape
+    if _is_flat(y):
+        # A constant observation is the blur of the same constant: nothing to fit (and a
+        # flat target makes the SSIM gradient degenerate).
+        return Fit(torch.full(object_shape, float(y.flatten()[0]), device=y.device), [], 0.0, "flat")
+    torch.manual_seed(config.seed)
+    generator = Generator(ndim, GeneratorConfig(in_channels=features.shape[0], output=config.output))
+    generator.start_at(float(y.clamp_min(0).mean()))
+    generator = generator.to(y.device)
     optimizer = torch.optim.NAdam(
         generator.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     schedule = _lr_schedule(optimizer, config)
     net_input, target = features[None], y[None, None]
+    noise = prepared.noise
+    hessian_weight, ssim_k2 = noise_aware_weights(config, prepared.noise_level)
+    pending: list[torch.Tensor] = []
     losses: list[float] = []
+    chi2 = math.inf
+    stopped = "iterations"
     best, since_best = math.inf, 0
+    average: torch.Tensor | None = None
     for iteration in range(config.iterations):
         optimizer.zero_grad(set_to_none=True)
         estimate = generator(net_input)
-        loss = config.ssim_weight * ssim_loss(blur(estimate), target)
-        if config.hessian_weight:
-            loss = loss + config.hessian_weight * hessian_penalty(estimate)
+        if config.average:
+            current = estimate.detach()
+            average = current.clone() if average is None else average.lerp_(current, 1 - config.average)
+        blurred = blur(estimate)
+        residual = (blurred - target) ** 2 / noise.variance(blurred.detach())
+        chi2_now = residual.detach().mean()
+        loss = config.ssim_weight * ssim_loss(blurred, target, k2=ssim_k2)
+        if config.data_weight:
+            loss = loss + config.data_weight * prepared.noise_level**2 * residual.mean()
+        if hessian_weight:
+            loss = loss + hessian_weight * hessian_penalty(estimate)
         if config.sparsity_weight:
             loss = loss + config.sparsity_weight * sparsity_penalty(estimate)
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
+        pending.append(loss.detach())
+        last = iteration == config.iterations - 1
+        if (iteration + 1) % config.log_every and not last:
+            continue
+        # One device synchronisation per ``log_every`` iterations.
+        block = torch.stack(pending).tolist()
+        losses += block
+        pending.clear()
+        chi2 = float(chi2_now)
         if callback is not None:
-            callback(iteration, losses[-1])
+            callback(iteration, losses[-1], (average if average is not None else estimate.detach())[0, 0])
+        if not all(math.isfinite(v) for v in block):
+            raise CiderError(
+                f"generator fit diverged (loss {losses[-1]}) at iteration {iteration + 1}; "
+                "lower restore.learning_rate or check the data"
+            )
+        if config.stop == "discrepancy" and chi2 <= config.discrepancy:
+            stopped = "discrepancy"
+            break
         if config.early_stop_patience:
-            if losses[-1] < best * (1 - config.early_stop_tol):
-                best, since_best = losses[-1], 0
-            else:
-                since_best += 1
-                if since_best >= config.early_stop_patience:
-                    break
+            for value in block:
+                if value < best * (1 - config.early_stop_tol):
+                    best, since_best = value, 0
+                else:
+                    since_best += 1
+            if since_best >= config.early_stop_patience:
+                stopped = "plateau"
+                break
     with torch.no_grad():
-        estimate = generator(net_input)[0, 0]
-    return estimate, losses
+        estimate = average[0, 0] if average is not None else generator(net_input)[0, 0]
+        flux_factor = 1.0
+        if config.preserve_flux:
+            observed, modelled = float(y.sum()), float(blur(estimate).sum())
+            if observed > 0 and modelled > 0:
+                flux_factor = observed / modelled
+                estimate = estimate * flux_factor
+    if not bool(torch.isfinite(estimate).all()):
+        raise CiderError("generator fit produced NaN/infinite values; lower restore.learning_rate")
+    return Fit(estimate, losses, chi2, stopped, flux_factor)
 
 
 def restore(
@@ -342,7 +523,7 @@ def restore(
     config: RestoreConfig | None = None,
     *,
     background: np.ndarray | None = None,
-    intensity_range: tuple[float, float] | None = None,
+    scale: float | None = None,
 ) -> Result:
     """Restore one 2D image or 3D volume with CiDeR.
 
@@ -354,7 +535,7 @@ def restore(
         PSF with the same number of axes, applied by convolution.
     config : RestoreConfig, optional
         Settings; default ``RestoreConfig()`` (3000 iterations, paper schedule).
-    background, intensity_range
+    background, scale
         See :func:`prepare`.
 
     Returns
@@ -373,23 +554,23 @@ def restore(
     config = config or RestoreConfig()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared = prepare(image, psf, config, background, intensity_range)
+    prepared = prepare(image, psf, config, background, scale)
     device = prepared.observation.device
     timings["prepare"] = time.perf_counter() - start
     features = deconvolved_features(prepared, config)
     timings["features"] = time.perf_counter() - start - timings["prepare"]
     with _progress_bar(config) as callback:
-        estimate, losses = fit_generator(features, prepared, config, callback)
+        fit = fit_generator(features, prepared, config, callback)
     timings["fit"] = time.perf_counter() - start - timings["prepare"] - timings["features"]
-    restored = to_data_units(estimate, prepared)
+    restored = to_data_units(fit.estimate, prepared)
     timings["total"] = time.perf_counter() - start
-    return Result(restored, losses, timings, str(device), len(losses))
+    return Result(restored, fit.losses, timings, str(device), fit.iterations, fit.chi2, fit.stopped)
 
 
 def to_data_units(estimate: torch.Tensor, prepared: Prepared) -> np.ndarray:
     """Crop a fitted estimate to the image's field of view and scale it back (float32)."""
     restored = crop_to_image(estimate, prepared.psf.shape).cpu().numpy().astype(np.float64)
-    return (restored * prepared.scale + prepared.low).astype(np.float32)
+    return (restored * prepared.scale).astype(np.float32)
 
 
 def crop_to_image(estimate: torch.Tensor, psf_shape: tuple[int, ...]) -> torch.Tensor:
@@ -405,17 +586,16 @@ class _progress_bar:
         self.config = config
         self.bar = None
 
-    def __enter__(self) -> Callable[[int, float], None] | None:
+    def __enter__(self) -> Callable[[int, float, torch.Tensor], None] | None:
         if not self.config.progress:
             return None
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=self.config.iterations, desc="fit", unit="it")
 
-        def update(iteration: int, loss: float) -> None:
-            self.bar.update(1)
-            if iteration % 20 == 0:
-                self.bar.set_postfix(loss=f"{loss:.4f}")
+        def update(iteration: int, loss: float, estimate: torch.Tensor) -> None:
+            self.bar.update(iteration + 1 - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
 
         return update
 

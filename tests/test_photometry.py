@@ -1,0 +1,125 @@
+"""Intensities that mean something: zero stays zero, no cap at the observed maximum, flux kept.
+
+Also the noise model the data term and stop rule rely on, and flat inputs (no NaN).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from cider import RestoreConfig, gaussian_psf, restore
+from cider.generator import Generator, GeneratorConfig, _NonLocal
+from cider.noise import NoiseModel, estimate_noise
+from cider.rl import BlurOperator, richardson_lucy
+
+FAST = RestoreConfig(iterations=150, rl_iterations=20)
+
+
+def _bead_field(seed=0, photons=400.0, background=0.0, shape=(64, 64), sigma=2.0):
+    """Point-like beads (one pixel each) blurred by a Gaussian, Poisson noise; valid model."""
+    psf = gaussian_psf(sigma)
+    big = tuple(n + k - 1 for n, k in zip(shape, psf.shape))
+    rng = np.random.default_rng(seed)
+    obj = np.full(big, background)
+    r = psf.shape[0] // 2
+    spots = []
+    for _ in range(12):
+        c = tuple(int(rng.integers(r + 4, n - r - 4)) for n in big)
+        obj[c] += photons * rng.uniform(0.6, 1.0)
+        spots.append(tuple(x - r for x in c))
+    blurred = BlurOperator(torch.tensor(psf), shape, "valid")(torch.tensor(obj)).numpy()
+    y = rng.poisson(np.clip(blurred, 0, None)).astype(np.float64)
+    truth = obj[r:-r, r:-r]
+    return y, psf, truth, spots
+
+
+def _spot_sums(image, spots, radius=4):
+    return np.array(
+        [image[c[0] - radius : c[0] + radius + 1, c[1] - radius : c[1] + radius + 1].sum() for c in spots]
+    )
+
+
+def test_restored_beads_keep_flux_zero_and_exceed_the_observed_peak():
+    y, psf, truth, spots = _bead_field()
+    result = restore(y, psf, FAST)
+    x = result.restored
+    # Not capped at the brightest blurred value (the old sigmoid-on-[min, max] output was).
+    assert x.max() > 2 * y.max(), (x.max(), y.max())
+    # Total flux of the field within 1 % of the observation's (flux renormalisation).
+    assert abs(x.sum() / y.sum() - 1) < 0.01
+    # Integrated spot intensity within 10 % of the truth (median over beads).
+    error = np.median(np.abs(_spot_sums(x, spots) / _spot_sums(truth, spots) - 1))
+    assert error < 0.10, error
+    # Zero signal maps to ~0: far from beads the estimate is dark, and never negative.
+    assert x.min() >= 0
+    far = np.ones_like(truth, bool)
+    for c in spots:
+        far[max(c[0] - 8, 0) : c[0] + 9, max(c[1] - 8, 0) : c[1] + 9] = False
+    assert np.median(x[far]) < 0.01 * x.max()
+
+
+def test_scaling_the_data_scales_the_result():
+    """Output in the input's units: data × 7 gives a result × 7 (zero is not shifted)."""
+    y, psf, _, _ = _bead_field(seed=1, photons=200.0, background=5.0)
+    cfg = FAST.with_(iterations=30)
+    a = restore(y, psf, cfg).restored
+    b = restore(7 * y, psf, cfg).restored
+    np.testing.assert_allclose(b, 7 * a, rtol=2e-3, atol=1e-3 * float(a.max()))
+
+
+def test_softplus_output_starts_at_the_data_level():
+    torch.manual_seed(0)
+    net = Generator(2, GeneratorConfig(in_channels=1))
+    net.start_at(0.05)
+    with torch.no_grad():
+        out = net(torch.rand(1, 1, 32, 32))
+    assert 0.02 < float(out.mean()) < 0.12
+    assert float(out.min()) > 0
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 10), (3, 8, 8, 8)])
+def test_linear_nonlocal_equals_quadratic(shape):
+    torch.manual_seed(0)
+    block = _NonLocal(len(shape) - 1, shape[0]).double()
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    torch.testing.assert_close(block(x), block.forward_quadratic(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("gain,floor", [(1.0, 4.0), (0.0, 9.0), (3.0, 1.0)])
+def test_noise_model_is_recovered_from_one_image(gain, floor):
+    """Poisson-Gaussian noise on a smooth scene: gain and floor within 20 %."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    scene = gaussian_filter(rng.random((256, 256)), 6)
+    scene = 200 * (scene - scene.min()) / np.ptp(scene)
+    y = rng.normal(scene, np.sqrt(gain * scene + floor))
+    model = estimate_noise(y)
+    if gain:
+        assert model.gain == pytest.approx(gain, rel=0.2)
+    else:
+        assert model.gain < 0.05
+    assert model.variance(np.array(100.0)) == pytest.approx(gain * 100 + floor, rel=0.2)
+
+
+def test_noise_model_scales_with_the_data():
+    """Data × 0.5: a signal of 4 was 8 before, with variance 2·8 + 3 = 19, now 19 / 4."""
+    model = NoiseModel(2.0, 3.0).scaled(0.5)
+    assert model.variance(np.array(4.0)) == pytest.approx((2 * 8 + 3) / 4)
+
+
+@pytest.mark.parametrize("value", [0.0, 5.0])
+@pytest.mark.parametrize("shape", [(48, 48), (64, 64)])
+def test_flat_image_is_restored_as_itself(value, shape):
+    """A constant image (zero-padded borders, clipped regions) gives itself, never NaN."""
+    result = restore(np.full(shape, value), gaussian_psf(1.0), FAST.with_(iterations=5))
+    assert np.all(np.isfinite(result.restored))
+    np.testing.assert_allclose(result.restored, value)
+    assert result.stopped == "flat"
+
+
+def test_rl_peak_reference_is_meaningful():
+    """Sanity of the bead fixture: RL(100) sharpens the beads well above the data's peak."""
+    y, psf, _, _ = _bead_field()
+    rl = richardson_lucy(torch.tensor(y), psf, 100).numpy()
+    assert rl.max() > 3 * y.max()
