@@ -23,6 +23,7 @@ import yaml
 from . import io
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError
+from .noise import NoiseModel, estimate_noise
 from .psf import gaussian_psf, lightsheet_psf, validate_psf, widefield_psf
 from .tiling import Tile, minimum_margin, stitch, tile_grid, unit_name
 
@@ -300,13 +301,9 @@ def make_plan(config: dict) -> Plan:
 def _restore_config(config: dict, device: str | None = None):
     from .restore import RestoreConfig
 
-    r = config["restore"]
-    return RestoreConfig(
-        iterations=r["iterations"], learning_rate=r["learning_rate"], hessian_weight=r["hessian_weight"],
-        sparsity_weight=r["sparsity_weight"], rl_iterations=r["rl_iterations"], seed=r["seed"],
-        device=device or r["device"], feature_weights=r.get("feature_weights"), normalize=True,
-        early_stop_patience=r["early_stop_patience"],
-    )  # fmt: skip
+    r = dict(config["restore"])
+    r["device"] = device or r["device"]
+    return RestoreConfig(normalize=True, **r)
 
 
 def _read_unit(unit: Unit, config: dict) -> np.ndarray:
@@ -344,7 +341,7 @@ def _unit_array(config: dict, unit_id: str):
 
 
 def run_background(config: dict, unit_id: str) -> None:
-    """Background of one whole unit (once, so tiles agree) and its intensity range."""
+    """Background, intensity scale and noise model of one whole unit (once, so tiles agree)."""
     p = paths(config)
     data = np.asarray(_unit_array(config, unit_id)[...], dtype=np.float64)
     bg_cfg = config["background"]
@@ -352,7 +349,13 @@ def run_background(config: dict, unit_id: str) -> None:
         background = wavelet_background(data, BackgroundConfig(**bg_cfg))
         io.atomic_write_npy(p.background(unit_id), background.astype(np.float32))
         data = data - background
-    io.atomic_write_json(p.intensity(unit_id), {"low": float(data.min()), "high": float(data.max())})
+    noise = estimate_noise(data)
+    intensity = {
+        "scale": float(data.max()),
+        "mean": float(data.mean()),
+        "noise": {"gain": noise.gain, "floor": noise.floor},
+    }
+    io.atomic_write_json(p.intensity(unit_id), intensity)
 
 
 def _prepared_tile(config: dict, tile: Tile, device=None):
@@ -365,13 +368,14 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     background = (
         np.load(p.background(unit_id), mmap_mode="r")[window] if config["background"]["enabled"] else None
     )
-    bounds = json.loads(p.intensity(unit_id).read_text())
-    ndim = data.ndim
-    psf = make_psf(config, ndim)
+    intensity = json.loads(p.intensity(unit_id).read_text())
+    psf = make_psf(config, data.ndim)
     rcfg = _restore_config(config)
-    return prepare(
-        data, psf, rcfg, background=background, intensity_range=(bounds["low"], bounds["high"]), device=device
-    ), rcfg
+    noise = NoiseModel(**intensity["noise"])
+    prepared = prepare(
+        data, psf, rcfg, background, intensity["scale"], noise, device=device, mean_signal=intensity["mean"]
+    )
+    return prepared, rcfg
 
 
 def run_features(config: dict, tile_id: str) -> None:
@@ -396,12 +400,22 @@ def run_fit(config: dict, tile_id: str) -> dict:
     tile, p = make_plan(config).tile(tile_id), paths(config)
     prepared, rcfg = _prepared_tile(config, tile)
     features = torch.from_numpy(np.load(p.features(tile_id))).to(prepared.observation.device)
-    estimate, losses = fit_generator(features, prepared, rcfg)
-    restored = to_data_units(estimate, prepared)
-    metrics = {"tile": tile_id, "unit": tile.unit_id, "padded": [list(w) for w in tile.padded],
-               "iterations": len(losses), "final_loss": losses[-1] if losses else None,
-               "loss_history": losses[:: max(1, len(losses) // 200)], "seconds": round(time.perf_counter() - start, 2),
-               "device": str(prepared.observation.device)}  # fmt: skip
+    fit = fit_generator(features, prepared, rcfg)
+    restored = to_data_units(fit.estimate, prepared)
+    losses = fit.losses
+    metrics = {
+        "tile": tile_id,
+        "unit": tile.unit_id,
+        "padded": [list(w) for w in tile.padded],
+        "iterations": len(losses),
+        "final_loss": losses[-1] if losses else None,
+        "chi2": fit.chi2,
+        "stopped": fit.stopped,
+        "flux_factor": fit.flux_factor,
+        "loss_history": losses[:: max(1, len(losses) // 200)],
+        "seconds": round(time.perf_counter() - start, 2),
+        "device": str(prepared.observation.device),
+    }
     if torch.cuda.is_available() and prepared.observation.device.type == "cuda":
         metrics["device_name"] = torch.cuda.get_device_name(prepared.observation.device)
     io.atomic_write_npy(p.tile(tile_id), restored)
