@@ -66,16 +66,31 @@ def settings(config: RestoreConfig) -> dict:
     return json.loads(json.dumps(values))
 
 
+# Fields added after results were first stored, with the value that reproduces the
+# behaviour before they existed: a stored result without the field was made that way.
+LEGACY = {
+    "data_weight": 0.0,
+    "output": "sigmoid",
+    "stop": "none",
+    "discrepancy": 1.0,
+    "preserve_flux": False,
+    "average": 0.0,
+    "log_every": 10,
+    "hessian_noise_weight": 0.0,
+    "ssim_noise_factor": 0.0,
+}
+
+
 def same_settings(stored: dict | None, config: RestoreConfig, baseline: RestoreConfig) -> bool:
     """Whether a stored result was made with ``config``'s settings.
 
-    A field missing from ``stored`` (a result made before the field existed) counts as
-    its value in ``baseline``, the bench's settings without ``--set`` overrides: a new
-    field's default must keep the old behaviour.
+    A field missing from ``stored`` (a result made before the field existed) counts as its
+    :data:`LEGACY` value when it has one, else as its value in ``baseline`` (the bench's
+    settings without ``--set`` overrides).
     """
     if stored is None:
         return False
-    fallback = settings(baseline)
+    fallback = {**settings(baseline), **LEGACY}
     return all(stored.get(key, fallback[key]) == value for key, value in settings(config).items())
 
 
@@ -92,7 +107,7 @@ def run_method(
         x = richardson_lucy(y, case.psf, iterations, boundary="valid").numpy()
         r = case.psf.shape[0] // 2
         return x[r:-r, r:-r], {}
-    result = restore(case.blurred, case.psf, config, intensity_range=(0.0, 1.0))
+    result = restore(case.blurred, case.psf, config, scale=1.0)
     return result.restored, {"seconds": round(result.timings["total"], 1), "device": result.device,
                              "final_loss": result.loss_history[-1], "settings": settings(config)}  # fmt: skip
 

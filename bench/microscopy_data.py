@@ -1,0 +1,320 @@
+"""Ground-truth cases of the microscopy benchmark: synthetic scenes, their degradation, flowdec.
+
+Every case is a :class:`Case`: an observation in photon-like data units, the PSF, and the
+truth on the observation's field of view in the same units (the blur keeps flux, so a
+perfect restoration equals the truth). Synthetic observations are the ``valid`` blur of a
+larger object (no boundary assumption), with Poisson noise and Gaussian read noise; all
+randomness comes from the case's seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+from cider.psf import gaussian_psf, lightsheet_psf, normalize_psf, widefield_psf
+from cider.rl import BlurOperator
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWDEC = ROOT.parent / "shared" / "data" / "flowdec" / "bars-25pct"
+
+
+@dataclass
+class Case:
+    """One benchmark case.
+
+    Attributes
+    ----------
+    name : str
+        Case name (a key of the results JSON).
+    observation : np.ndarray
+        Blurred, noisy data in data units.
+    psf : np.ndarray
+        PSF (odd sizes, sum 1).
+    truth : np.ndarray
+        The object on the observation's field of view, same units.
+    spots : list of tuple
+        Centres of point-like objects (for integrated spot intensity), may be empty.
+    description : str
+        One line for the table.
+    voxel_size : tuple of float
+        Sampling (Z, Y, X) or (Y, X) in µm, for the record.
+    """
+
+    name: str
+    observation: np.ndarray
+    psf: np.ndarray
+    truth: np.ndarray
+    spots: list[tuple[int, ...]] = field(default_factory=list)
+    description: str = ""
+    voxel_size: tuple[float, ...] = ()
+
+
+def _segment(shape, start, end, width, rng) -> np.ndarray:
+    """Anti-aliased line from ``start`` to ``end`` drawn as Gaussian-blurred points."""
+    out = np.zeros(shape)
+    length = int(np.ceil(np.linalg.norm(np.subtract(end, start)))) * 2 + 2
+    for t in np.linspace(0, 1, length):
+        p = np.round(np.add(start, t * np.subtract(end, start))).astype(int)
+        if all(0 <= q < n for q, n in zip(p, shape)):
+            out[tuple(p)] = 1.0
+    return gaussian_filter(out, width)
+
+
+def fluorescence_scene(shape: tuple[int, ...], seed: int, anisotropy: float = 1.0):
+    """Beads, filaments and blobs on a faint flat background (peak about 1).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        2D or 3D object shape.
+    seed : int
+        Random seed.
+    anisotropy : float
+        Z step over XY pixel: objects are thinner in Z (in pixels) by this factor.
+
+    Returns
+    -------
+    scene, spots
+        The object (background 0.02) and the bead centres.
+    """
+    rng = np.random.default_rng(seed)
+    ndim = len(shape)
+    scale = np.array([1 / anisotropy] + [1.0] * (ndim - 1)) if ndim == 3 else np.ones(ndim)
+    scene = np.zeros(shape)
+    volume = np.prod(shape)
+    # Blobs: soft ellipsoids (cells, nuclei).
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    for _ in range(max(2, int(volume / 9000))):
+        centre = [rng.uniform(0.15 * n, 0.85 * n) for n in shape]
+        radii = rng.uniform(3, 7, ndim) * scale
+        r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii))
+        scene += rng.uniform(0.15, 0.4) / (1 + np.exp((np.sqrt(r2) - 1) * 6))
+    # Filaments: thin lines (microtubules, neurites).
+    for _ in range(max(2, int(volume / 6000))):
+        start = [rng.uniform(0, n) for n in shape]
+        end = [rng.uniform(0, n) for n in shape]
+        line = _segment(shape, start, end, 0.6, rng)
+        scene += rng.uniform(0.3, 0.7) * line / max(line.max(), 1e-12)
+    # Beads: sub-resolution points.
+    spots = []
+    margin = [max(2, n // 10) for n in shape]
+    for _ in range(max(3, int(volume / 4000))):
+        centre = tuple(int(rng.integers(m, n - m)) for m, n in zip(margin, shape))
+        spots.append(centre)
+        point = np.zeros(shape)
+        point[centre] = 1.0
+        bead = gaussian_filter(point, 0.6)
+        scene += rng.uniform(0.5, 1.0) * bead / bead.max()
+    return scene + 0.02, spots
+
+
+def plankton_scene(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Bright-field-like 2D scene: dark cells with darker rims and inner texture on a bright field."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    absorb = np.zeros(shape)
+    for _ in range(max(2, int(np.prod(shape) / 1500))):
+        cy, cx = rng.uniform(0.15, 0.85) * shape[0], rng.uniform(0.15, 0.85) * shape[1]
+        ry, rx = rng.uniform(4, 12), rng.uniform(4, 12)
+        angle = rng.uniform(0, np.pi)
+        u = ((yy - cy) * np.cos(angle) + (xx - cx) * np.sin(angle)) / ry
+        v = (-(yy - cy) * np.sin(angle) + (xx - cx) * np.cos(angle)) / rx
+        r = np.sqrt(u**2 + v**2)
+        body = 1 / (1 + np.exp((r - 1) * 8))
+        rim = np.exp(-(((r - 1) / 0.12) ** 2))
+        texture = gaussian_filter(rng.random(shape), 1.0)
+        absorb += body * (0.25 + 0.3 * (texture - 0.5)) + 0.35 * rim
+    return 1.0 - 0.9 * np.clip(absorb, 0, 1)
+
+
+def degrade(obj: np.ndarray, psf: np.ndarray, photons: float, read_noise: float, seed: int):
+    """``valid`` blur of ``obj``, scaled to ``photons`` at value 1, Poisson + read noise.
+
+    Returns
+    -------
+    observation, truth
+        Both in photon units; ``truth`` is ``obj`` cropped to the observation's field.
+    """
+    shape = tuple(n - k + 1 for n, k in zip(obj.shape, psf.shape))
+    blurred = BlurOperator(torch.tensor(psf), shape, "valid")(torch.tensor(obj)).numpy()
+    rng = np.random.default_rng(seed)
+    observation = rng.poisson(np.clip(blurred, 0, None) * photons).astype(np.float64)
+    observation += rng.normal(0, read_noise, shape)
+    crop = tuple(slice(k // 2, k // 2 + n) for k, n in zip(psf.shape, shape))
+    return observation, obj[crop] * photons
+
+
+def synthetic_case(name: str, full: bool = False) -> Case:
+    """One of the synthetic cases by name (see :data:`SYNTHETIC`)."""
+    kind, psf_kind, level = SYNTHETIC[name]
+    seed = sum(map(ord, name))
+    if kind == "volume":
+        field_shape = (64, 128, 128) if full else (32, 64, 64)
+        if psf_kind == "lightsheet":
+            voxel = (0.6, 0.2, 0.2)  # z step 3× xy
+            psf = lightsheet_psf((15, 21, 21), voxel, wavelength=0.52, na=0.8, sheet_thickness=2.0)
+            psf = _crop_energy(psf, 0.995)
+        elif psf_kind == "widefield":
+            voxel = (0.4, 0.2, 0.2)  # z step 2× xy
+            psf = widefield_psf(
+                (11, 17, 17), voxel, wavelength=0.52, na=1.0, immersion_index=1.33, sample_index=1.33
+            )
+        else:  # the issue's Gaussian case
+            voxel = (0.36, 0.12, 0.12)
+            psf = gaussian_psf((2.0, 1.2, 1.2), size=(9, 7, 7))
+        anisotropy = voxel[0] / voxel[-1]
+    else:
+        field_shape = (256, 256) if full else (96, 96)
+        voxel = (0.2, 0.2)
+        psf = gaussian_psf(1.5 if kind == "plankton" else 1.8)
+        anisotropy = 1.0
+    obj_shape = tuple(n + k - 1 for n, k in zip(field_shape, psf.shape))
+    spots: list[tuple[int, ...]] = []
+    if kind == "plankton":
+        obj = plankton_scene(obj_shape, seed)
+    else:
+        obj, spots_obj = fluorescence_scene(obj_shape, seed, anisotropy)
+        offset = [k // 2 for k in psf.shape]
+        spots = [
+            tuple(c - o for c, o in zip(s, offset))
+            for s in spots_obj
+            if all(o + 3 <= c < o + n - 3 for c, o, n in zip(s, offset, field_shape))
+        ]
+    photons, read_noise = LEVELS[level]
+    observation, truth = degrade(obj, psf, photons, read_noise, seed + 1)
+    return Case(name, observation, psf, truth, spots, DESCRIPTIONS[name], voxel)
+
+
+def _crop_energy(psf: np.ndarray, energy: float, max_shape=None) -> np.ndarray:
+    """Crop a centred PSF symmetrically to the smallest box holding ``energy`` of its sum.
+
+    ``max_shape`` (odd sizes) caps the box per axis.
+    """
+    if max_shape is not None:
+        psf = _centre_crop(psf, [min(n, m) for n, m in zip(psf.shape, max_shape)])
+    psf = psf / psf.sum()
+    centre = [n // 2 for n in psf.shape]
+    half = [0] * psf.ndim
+    while True:
+        box = tuple(slice(c - h, c + h + 1) for c, h in zip(centre, half))
+        if psf[box].sum() >= energy or all(h == c for h, c in zip(half, centre)):
+            return normalize_psf(psf[box])
+        # grow the axis whose growth adds most energy
+        gains = []
+        for axis in range(psf.ndim):
+            if half[axis] == centre[axis]:
+                gains.append(-1.0)
+                continue
+            trial = list(half)
+            trial[axis] += 1
+            gains.append(psf[tuple(slice(c - h, c + h + 1) for c, h in zip(centre, trial))].sum())
+        half[int(np.argmax(gains))] += 1
+
+
+def bars_case(psf_energy: float | None = 0.99) -> Case:
+    """flowdec ``bars-25pct``: observation, truth (``actual.tif``) and PSF (``kernel.tif``).
+
+    ``data.tif`` is, to a correlation of 0.98, ``23.7 · (actual ⊛ kernel) + 131`` plus noise
+    (measured here with a periodic blur by the normalised kernel), so the truth in data
+    units is ``23.7 · actual + 131`` (131: a flat background that the blur keeps). Both are
+    then scaled to an observed peak of 1000. ``psf_energy`` crops the 32×64×64 kernel to
+    the box holding that fraction of its energy (``None``: the full kernel, padded to odd
+    sizes, at most 31 × 63 × 63 so that it fits the 32 × 64 × 64 image); the
+    ``bars_fullpsf`` case (that largest box) checks that the crop changes little.
+    """
+    import tifffile
+
+    observation = tifffile.imread(FLOWDEC / "data.tif").astype(np.float64)
+    actual = tifffile.imread(FLOWDEC / "actual.tif").astype(np.float64)
+    kernel = tifffile.imread(FLOWDEC / "kernel.tif").astype(np.float64)
+    kernel = np.pad(kernel, [(0, 1 - n % 2) for n in kernel.shape])
+    periodic = np.fft.irfftn(
+        np.fft.rfftn(actual)
+        * np.fft.rfftn(np.fft.ifftshift(_centre_crop(kernel, actual.shape) / kernel.sum())),
+        actual.shape,
+    )
+    design = np.stack([periodic.ravel(), np.ones(periodic.size)], axis=1)
+    (gain, offset), *_ = np.linalg.lstsq(design, observation.ravel(), rcond=None)
+    truth = gain * actual + offset
+    largest = (31, 63, 63)
+    psf = _crop_energy(kernel, psf_energy or 1.0, largest)
+    factor = 1000 / observation.max()
+    return Case(
+        "bars" if psf_energy is not None else "bars_fullpsf",
+        observation * factor,
+        psf,
+        truth * factor,
+        [],
+        f"flowdec bars-25pct 32×64×64, PSF cropped to {psf.shape} ({psf_energy or 1} of its energy)",
+        (),
+    )
+
+
+def _centre_crop(a: np.ndarray, shape) -> np.ndarray:
+    start = [n // 2 - m // 2 for n, m in zip(a.shape, shape)]
+    return a[tuple(slice(s, s + m) for s, m in zip(start, shape))]
+
+
+LEVELS = {"low": (60.0, 2.0), "high": (600.0, 2.0), "mid": (200.0, 2.0)}
+SYNTHETIC = {
+    "gauss3d_low": ("volume", "gaussian", "low"),
+    "lightsheet3d_low": ("volume", "lightsheet", "low"),
+    "lightsheet3d_high": ("volume", "lightsheet", "high"),
+    "widefield3d_low": ("volume", "widefield", "low"),
+    "widefield3d_high": ("volume", "widefield", "high"),
+    "fluo2d_low": ("fluo", "gaussian", "low"),
+    "plankton2d": ("plankton", "gaussian", "mid"),
+}
+DESCRIPTIONS = {
+    "gauss3d_low": "beads+filaments+blobs, Gaussian PSF σ (2, 1.2, 1.2) px, z step 3× xy, peak 60 photons",
+    "lightsheet3d_low": "beads+filaments+blobs, light-sheet model PSF (NA 0.8, 2 µm sheet), z step 3× xy, peak 60 photons",
+    "lightsheet3d_high": "same scene and PSF, peak 600 photons",
+    "widefield3d_low": "beads+filaments+blobs, widefield model PSF (NA 1.0 water), z step 2× xy, peak 60 photons",
+    "widefield3d_high": "same scene and PSF, peak 600 photons",
+    "fluo2d_low": "2D beads+filaments+blobs, Gaussian PSF σ 1.8, peak 60 photons",
+    "plankton2d": "2D bright-field-like plankton (dark cells, bright field), Gaussian PSF σ 1.5, 200 photons",
+}
+CASES = ["bars", "bars_fullpsf", *SYNTHETIC]
+
+
+def load_case(name: str, full: bool = False, cache: Path | None = None) -> Case:
+    """A case by name; ``bars`` needs ``../shared/data/flowdec``.
+
+    With ``cache``, a case is read from ``cache/NAME[_full].npz`` when present and written
+    there otherwise (to carry cases to a machine without psfmodels or the shared data).
+    """
+    if cache is not None:
+        path = cache / f"{name}{'_full' if full else ''}.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                spots = [tuple(s) for s in meta["spots"]]
+                return Case(
+                    name,
+                    f["observation"],
+                    f["psf"],
+                    f["truth"],
+                    spots,
+                    meta["description"],
+                    tuple(meta["voxel_size"]),
+                )
+        case = load_case(name, full)
+        cache.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "spots": [list(map(int, s)) for s in case.spots],
+            "description": case.description,
+            "voxel_size": list(case.voxel_size),
+        }
+        np.savez_compressed(
+            path, observation=case.observation, psf=case.psf, truth=case.truth, meta=json.dumps(meta)
+        )
+        return case
+    if name.startswith("bars"):
+        return bars_case(None if name == "bars_fullpsf" else 0.99)
+    return synthetic_case(name, full)
