@@ -1,0 +1,46 @@
+"""The microscopy benchmark's scorer and cases: values, not only "it ran"."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from .conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+microscopy = pytest.importorskip("microscopy")
+from microscopy_data import load_case  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def case():
+    return load_case("fluo2d_low")
+
+
+def test_truth_scores_perfectly_and_blur_does_not(case):
+    perfect = microscopy.score(case.truth, case)
+    assert perfect["flux_err"] == 0 and perfect["spot_err"] == 0
+    assert perfect["flat_std"] < 0.01  # "flat" allows 0.5 % of the range of spread
+    assert perfect["ssim"] == pytest.approx(1.0)
+    blurred = microscopy.score(case.observation, case)
+    assert blurred["psnr"] < 25 and blurred["spot_err"] > 10
+
+
+def test_case_is_deterministic_and_flux_consistent(case):
+    again = load_case("fluo2d_low")
+    np.testing.assert_array_equal(case.observation, again.observation)
+    # The blur keeps flux: the observation's sum is close to the truth's on the same field.
+    assert abs(case.observation.sum() / case.truth.sum() - 1) < 0.05
+
+
+def test_rl_baseline_beats_the_blurred_input(case):
+    rl = microscopy.rl_scores(case, "cpu")
+    assert rl["psnr"] > microscopy.score(case.observation, case)["psnr"] + 2
+    assert rl["iterations"] in microscopy.RL_CHECKPOINTS
+
+
+def test_scorer_ignores_gain_for_psnr_but_not_for_flux(case):
+    x = torch.tensor(case.truth).numpy() * 2
+    s = microscopy.score(x, case)
+    assert s["psnr"] > 100 and s["flux_err"] == pytest.approx(100.0)
