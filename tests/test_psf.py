@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 
 from cider import PsfError, gaussian_psf, lightsheet_psf, validate_psf, widefield_psf
+from cider.psf import normalize_psf
 
 
 def test_gaussian_psf():
@@ -76,3 +78,88 @@ def test_bad_psf_errors(psf, shape, message):
         validate_psf(psf, shape, name="my_psf.tif")
     with pytest.raises(PsfError, match="my_psf.tif"):
         validate_psf(psf, shape, name="my_psf.tif")
+
+
+# ---------------------------------------------------------------- PSF hygiene (clean_psf)
+def _shifted(psf, shift):
+    from cider.psf import _fourier_shift
+
+    return np.clip(_fourier_shift(psf, shift), 0, None)
+
+
+def _even_gaussian(sigma, n):
+    """Gaussian sampled on an even grid: its centre lies between two pixels."""
+    grid = np.arange(n) - (n - 1) / 2
+    g = np.exp(-0.5 * (grid[:, None] ** 2 + grid[None, :] ** 2) / sigma**2)
+    return g / g.sum()
+
+
+def _restored_centroid(psf_used, psf_true):
+    """Centroid of RL-restored beads: a shifted PSF shifts it."""
+    from cider.psf import psf_centroid
+    from cider.rl import BlurOperator, richardson_lucy
+
+    obj = np.zeros((48, 48))
+    obj[12, 15] = obj[30, 33] = obj[20, 26] = 100.0
+    shape = tuple(n - k + 1 for n, k in zip(obj.shape, psf_true.shape))
+    y = BlurOperator(torch.tensor(psf_true), shape, "valid")(torch.tensor(obj)).clamp_min(0)
+    return psf_centroid(richardson_lucy(y, psf_used, 30).numpy())
+
+
+PSF_CASES = {
+    "off-centre by 1.5 px": lambda g: _shifted(g, (1.5, -1.5)),
+    "pedestal": lambda g: 1000 * g + 3.0,
+}
+
+
+@pytest.mark.parametrize("case", sorted(PSF_CASES))
+def test_clean_psf_undoes_shift_and_pedestal(case):
+    from cider.psf import clean_psf
+
+    clean = gaussian_psf(1.6, size=17)
+    cleaned, notes = clean_psf(PSF_CASES[case](clean), energy=1.0)
+    assert notes, "every change must be reported"
+    assert cleaned.shape == clean.shape
+    np.testing.assert_allclose(cleaned, clean, atol=2e-3 * clean.max())
+    shift = _restored_centroid(cleaned, clean) - _restored_centroid(clean, clean)
+    assert np.abs(shift).max() < 0.25, shift
+
+
+def test_even_sized_psf_is_recentred_not_shifted_by_half_a_pixel():
+    from cider.psf import clean_psf
+
+    cleaned, notes = clean_psf(_even_gaussian(1.6, 16), energy=1.0)
+    assert cleaned.shape == (17, 17) and any("even" in n for n in notes)
+    reference = gaussian_psf(1.6, size=17)
+    np.testing.assert_allclose(cleaned, reference, atol=3e-3 * reference.max())
+    plain = normalize_psf(_even_gaussian(1.6, 16))  # the old half-pixel pad
+    shift_old = _restored_centroid(plain, reference) - _restored_centroid(reference, reference)
+    shift_new = _restored_centroid(cleaned, reference) - _restored_centroid(reference, reference)
+    assert np.abs(shift_new).max() < 0.25
+    assert np.abs(shift_old).max() > 0.15  # what padding by half a pixel did (0.18, 0.30 px)
+
+
+def test_psf_sampled_at_half_the_z_step_is_resampled():
+    from cider.psf import clean_psf
+
+    fine = gaussian_psf((4.0, 1.2, 1.2), size=(31, 15, 15))  # z step 0.1 µm
+    cleaned, notes = clean_psf(
+        fine, psf_voxel_size=(0.1, 0.1, 0.1), image_voxel_size=(0.2, 0.1, 0.1), energy=1.0
+    )
+    reference = gaussian_psf((2.0, 1.2, 1.2), size=cleaned.shape)
+    assert any("resampled" in n for n in notes)
+    np.testing.assert_allclose(cleaned, reference, atol=1e-3 * reference.max())
+
+
+def test_off_centre_psf_refused_when_recentring_is_off():
+    from cider.psf import clean_psf
+
+    with pytest.raises(PsfError, match=r"centroid .* px from its centre.*psf.recentre"):
+        clean_psf(_shifted(gaussian_psf(1.6, size=17), (1.5, 0)), name="beads.tif", recentre=False)
+
+
+def test_clean_psf_crops_to_its_support():
+    from cider.psf import clean_psf
+
+    cleaned, notes = clean_psf(gaussian_psf(1.0, size=31), energy=0.9999)
+    assert cleaned.shape[0] < 15 and any("cropped" in n for n in notes)

@@ -26,14 +26,16 @@ examples:
 
 def _restore(args: argparse.Namespace) -> int:
     from . import io
-    from .psf import gaussian_psf
+    from .psf import clean_psf, gaussian_psf
     from .restore import RestoreConfig, restore
 
     image = io.read_image(args.input)
     if image.ndim == 3 and image.shape[-1] in (3, 4) and Path(args.input).suffix.lower() == ".png":
         image = image[..., :3].mean(axis=-1)
     if args.psf:
-        psf = io.read_psf(args.psf)
+        psf, notes = clean_psf(io.read_psf(args.psf), name=f"--psf {args.psf}")
+        for note in notes:
+            print(f"cider restore: {note}", file=sys.stderr)
     elif args.gaussian_sigma:
         psf = gaussian_psf(args.gaussian_sigma, ndim=image.ndim)
     else:
@@ -55,9 +57,15 @@ def _restore(args: argparse.Namespace) -> int:
         info = np.iinfo(image.dtype)
         restored = np.clip(np.rint(restored), 0, info.max).astype(image.dtype)
     io.write_image(args.output, restored)
-    summary = {"output": str(args.output), "device": result.device, "iterations": result.iterations,
-               "final_loss": result.loss_history[-1] if result.loss_history else None,
-               "seconds": {k: round(v, 2) for k, v in result.timings.items()}}  # fmt: skip
+    summary = {
+        "output": str(args.output),
+        "device": result.device,
+        "iterations": result.iterations,
+        "final_loss": result.loss_history[-1] if result.loss_history else None,
+        "chi2": result.chi2,
+        "stopped": result.stopped,
+        "seconds": {k: round(v, 2) for k, v in result.timings.items()},
+    }
     print(json.dumps(summary))
     return 0
 

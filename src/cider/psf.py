@@ -14,6 +14,8 @@ import numpy as np
 from .errors import PsfError
 
 __all__ = [
+    "clean_psf",
+    "psf_centroid",
     "validate_psf",
     "normalize_psf",
     "gaussian_psf",
@@ -212,3 +214,162 @@ def lightsheet_psf(
     sigma = sheet_thickness / (2 * np.sqrt(2 * np.log(2)))
     sheet = np.exp(-0.5 * (z / sigma) ** 2)
     return normalize_psf(detection * sheet[:, None, None])
+
+
+def psf_centroid(psf: np.ndarray) -> np.ndarray:
+    """Intensity-weighted centre of ``psf`` in pixels (index coordinates)."""
+    psf = np.asarray(psf, dtype=np.float64)
+    grids = np.meshgrid(*[np.arange(n) for n in psf.shape], indexing="ij")
+    return np.array([float((g * psf).sum() / psf.sum()) for g in grids])
+
+
+def _border(psf: np.ndarray) -> np.ndarray:
+    mask = np.zeros(psf.shape, bool)
+    for axis in range(psf.ndim):
+        index = [slice(None)] * psf.ndim
+        for edge in (0, -1):
+            index[axis] = edge
+            mask[tuple(index)] = True
+    return psf[mask]
+
+
+def _fourier_shift(psf: np.ndarray, shift: Sequence[float]) -> np.ndarray:
+    """Shift by a sub-pixel amount (exact for a band-limited PSF), on a grid padded by 4 px."""
+    pad = 4
+    padded = np.pad(psf, pad)
+    spectrum = np.fft.fftn(padded)
+    phase = np.zeros(padded.shape)
+    for axis, (n, d) in enumerate(zip(padded.shape, shift)):
+        freq = np.fft.fftfreq(n).reshape([-1 if a == axis else 1 for a in range(psf.ndim)])
+        phase = phase + freq * d
+    shifted = np.fft.ifftn(spectrum * np.exp(-2j * np.pi * phase)).real
+    return shifted[tuple(slice(pad, pad + n) for n in psf.shape)]
+
+
+def _resample(psf: np.ndarray, psf_voxel: Sequence[float], image_voxel: Sequence[float]) -> np.ndarray:
+    """Linear resampling of a centred PSF from its voxel size to the image's, keeping its centre."""
+    import torch
+
+    factors = [p / i for p, i in zip(psf_voxel, image_voxel)]  # image pixels per PSF pixel
+    centre = [(n - 1) / 2 for n in psf.shape]
+    half = [int(np.floor(c * f)) for c, f in zip(centre, factors)]
+    out_shape = [2 * h + 1 for h in half]
+    # Sample positions in the PSF's index space, as grid_sample's [-1, 1] (align_corners).
+    axes = [(np.arange(m) - h) / f / max(c, 1e-9) for m, h, f, c in zip(out_shape, half, factors, centre)]
+    mesh = np.meshgrid(*axes, indexing="ij")
+    grid = np.stack(mesh[::-1], axis=-1)[None]  # grid_sample wants (x, y[, z]) order
+    source = torch.as_tensor(psf, dtype=torch.float64)[None, None]
+    sampled = torch.nn.functional.grid_sample(
+        source, torch.as_tensor(grid), mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return sampled[0, 0].numpy() * float(np.prod(factors))
+
+
+def _crop_to_energy(psf: np.ndarray, energy: float) -> np.ndarray:
+    """Smallest centred box (odd sizes) holding ``energy`` of the sum, grown one axis at a time."""
+    total = psf.sum()
+    centre = [n // 2 for n in psf.shape]
+    half = [0] * psf.ndim
+
+    def box(h):
+        return tuple(slice(c - k, c + k + 1) for c, k in zip(centre, h))
+
+    while psf[box(half)].sum() < energy * total:
+        gains = []
+        for axis in range(psf.ndim):
+            trial = list(half)
+            trial[axis] += 1
+            ok = trial[axis] <= centre[axis]
+            gains.append(psf[box(trial)].sum() if ok else -1.0)
+        if max(gains) < 0:
+            break
+        half[int(np.argmax(gains))] += 1
+    return psf[box(half)]
+
+
+def clean_psf(
+    psf: np.ndarray,
+    name: str = "psf",
+    psf_voxel_size: Sequence[float] | None = None,
+    image_voxel_size: Sequence[float] | None = None,
+    remove_pedestal: bool = True,
+    recentre: bool = True,
+    energy: float = 0.9999,
+) -> tuple[np.ndarray, list[str]]:
+    """Make a measured PSF safe to use, saying what was changed.
+
+    Steps, in order (each reported in the returned notes):
+
+    1. **Pedestal**: the median of the border voxels (camera offset, background of a bead
+       stack) is subtracted and the result clipped at 0 when it exceeds 0.1 % of the peak.
+    2. **Sampling**: a PSF sampled at ``psf_voxel_size`` is resampled (linearly, about
+       its centre) to ``image_voxel_size`` — never applied as if on the image grid.
+    3. **Centring**: even sizes get one more pixel (odd sizes have a centre pixel) and the
+       intensity centroid is moved onto the centre pixel by a sub-pixel Fourier shift,
+       so a shifted PSF cannot shift the result. ``recentre=False`` refuses a PSF whose
+       centroid is more than 0.5 px off instead.
+    4. **Support**: cropped to the smallest centred box holding ``energy`` of the sum
+       (small PSFs are cheaper and fit smaller tiles), then normalised to sum 1.
+
+    Parameters
+    ----------
+    psf : np.ndarray
+        The PSF as measured or computed, 2D or 3D.
+    name : str
+        Where it came from (a file or config key), used in notes and errors.
+    psf_voxel_size, image_voxel_size : sequence of float, optional
+        Sampling of the PSF and of the image (same units, one per axis); both or neither.
+    remove_pedestal, recentre : bool
+        Switch steps 1 and 3.
+    energy : float
+        Fraction of the PSF's sum kept by the crop (1 = no crop).
+
+    Returns
+    -------
+    psf, notes
+        The cleaned PSF (odd sizes, sum 1) and one line per change made.
+    """
+    validate_psf(psf, name=name)  # the errors (NaN, negative, empty, ...)
+    psf = np.asarray(psf, dtype=np.float64)
+    psf = psf / psf.max()
+    notes: list[str] = []
+    if remove_pedestal:
+        pedestal = float(np.median(_border(psf)))
+        if pedestal > 1e-3 * psf.max():
+            notes.append(
+                f"{name}: removed a pedestal (border median) of {100 * pedestal / psf.max():.1f} % of the peak"
+            )
+            psf = np.clip(psf - pedestal, 0, None)
+    if (psf_voxel_size is None) != (image_voxel_size is None):
+        raise PsfError(f"{name}: give both the PSF's and the image's voxel size, or neither")
+    if psf_voxel_size is not None:
+        psf_voxel = _as_tuple(psf_voxel_size, psf.ndim)
+        image_voxel = _as_tuple(image_voxel_size, psf.ndim)
+        if not np.allclose(psf_voxel, image_voxel, rtol=1e-3):
+            centred = _fourier_shift(psf, (np.array(psf.shape) - 1) / 2 - psf_centroid(psf))
+            psf = np.clip(_resample(centred, psf_voxel, image_voxel), 0, None)
+            notes.append(
+                f"{name}: resampled from voxel size {psf_voxel} to the image's {image_voxel} "
+                f"(now shape {psf.shape})"
+            )
+    if any(n % 2 == 0 for n in psf.shape):
+        psf = np.pad(psf, [(0, 1 - n % 2) for n in psf.shape])
+        notes.append(f"{name}: even size padded to {psf.shape}")
+    offset = np.array([n // 2 for n in psf.shape]) - psf_centroid(psf)
+    if np.abs(offset).max() > 0.05:
+        if not recentre:
+            if np.abs(offset).max() > 0.5:
+                raise PsfError(
+                    f"{name}: the PSF's centroid is {tuple(round(float(-d), 2) for d in offset)} px from its centre "
+                    "pixel; the result would be shifted by as much. Recentre it (psf.recentre: true)"
+                )
+        else:
+            psf = np.clip(_fourier_shift(psf, offset), 0, None)
+            moved = tuple(round(float(d), 2) for d in offset)
+            notes.append(f"{name}: centroid moved by {moved} px onto the centre pixel")
+    if energy < 1:
+        cropped = _crop_to_energy(psf, energy)
+        if cropped.shape != psf.shape:
+            notes.append(f"{name}: cropped from {psf.shape} to {cropped.shape} ({energy:.4%} of its energy)")
+            psf = cropped
+    return normalize_psf(psf), notes

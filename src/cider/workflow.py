@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 import time
 from copy import deepcopy
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from . import io
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError
 from .noise import NoiseModel, estimate_noise
-from .psf import gaussian_psf, lightsheet_psf, validate_psf, widefield_psf
+from .psf import clean_psf, gaussian_psf, lightsheet_psf, widefield_psf
 from .tiling import Tile, minimum_margin, stitch, tile_grid, unit_name
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -228,16 +229,38 @@ def make_psf(config: dict, ndim: int) -> np.ndarray:
 def _cached_psf(key: str, ndim: int) -> np.ndarray:
     config = json.loads(key)
     spec = config["psf"]
-    if spec.get("file"):
-        return validate_psf(io.read_psf(spec["file"]), name=f"config key 'psf.file' ({spec['file']})")
     voxel = config["voxel_size"]
+    if spec.get("file"):
+        name = f"config key 'psf.file' ({spec['file']})"
+        psf_voxel = spec.get("voxel_size")
+        if psf_voxel is not None and voxel is None:
+            raise CiderError(
+                "config key 'psf.voxel_size' needs 'input.voxel_size' (the image's sampling) too"
+            )
+        psf, notes = clean_psf(
+            io.read_psf(spec["file"]),
+            name=name,
+            psf_voxel_size=psf_voxel,
+            image_voxel_size=voxel if psf_voxel is not None else None,
+            remove_pedestal=spec["remove_pedestal"],
+            recentre=spec["recentre"],
+            energy=spec["energy"],
+        )
+        for note in notes:
+            print(f"cider: {note}", file=sys.stderr)
+        return psf
     if spec.get("model"):
         size = spec.get("size")
         if not size or len(size) != ndim:
             raise CiderError(f"config key 'psf.size': give {ndim} odd sizes for psf.model {spec['model']!r}")
+        indices = {k: spec[k] for k in ("immersion_index", "sample_index") if spec.get(k) is not None}
+        if "immersion_index" in indices:
+            indices.setdefault("sample_index", indices["immersion_index"])
         if spec["model"] == "lightsheet":
-            return lightsheet_psf(size, voxel, spec["wavelength"], spec["na"], spec["sheet_thickness"])
-        return widefield_psf(size, voxel, spec["wavelength"], spec["na"], spec.get("immersion_index", 1.515))
+            return lightsheet_psf(
+                size, voxel, spec["wavelength"], spec["na"], spec["sheet_thickness"], **indices
+            )
+        return widefield_psf(size, voxel, spec["wavelength"], spec["na"], **indices)
     sigma = spec.get("gaussian_sigma")
     if sigma is None:
         raise CiderError("config key 'psf': give one of 'file', 'gaussian_sigma' or 'model'")
