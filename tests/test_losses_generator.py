@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cider.generator import Generator, count_parameters
+from cider.generator import Generator, GeneratorConfig, count_parameters
 from cider.losses import hessian_penalty, sparsity_penalty, ssim_loss
 
 
@@ -45,8 +45,26 @@ def test_generator_parameter_count_matches_paper():
 
 @pytest.mark.parametrize("shape", [(45, 67), (13, 30, 21)])
 def test_generator_output_shape_and_range(shape):
+    """Any input size; softplus output positive, the paper's sigmoid within (0, 1)."""
     torch.manual_seed(0)
-    net = Generator(len(shape))
-    out = net(torch.rand(1, 16, *shape))
-    assert out.shape == (1, 1, *shape)
-    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    with torch.no_grad():
+        out = Generator(len(shape))(torch.rand(1, 16, *shape))
+        paper = Generator(len(shape), GeneratorConfig(output="sigmoid"))(torch.rand(1, 16, *shape))
+    assert out.shape == paper.shape == (1, 1, *shape)
+    assert float(out.min()) > 0
+    assert 0 <= float(paper.min()) and float(paper.max()) <= 1
+
+
+def test_hessian_with_voxel_size_measures_physical_curvature():
+    """f = z² in physical units: sampled at a z step of 3 or of 1, the penalty is the same."""
+    from cider.losses import hessian_penalty
+
+    def sampled(step, n):
+        z = torch.arange(n, dtype=torch.float64) * step
+        return (z**2)[:, None, None].expand(n, 6, 6)[None, None]
+
+    coarse = hessian_penalty(sampled(3.0, 8), spacing=(3.0, 1.0, 1.0))
+    fine = hessian_penalty(sampled(1.0, 24), spacing=(1.0, 1.0, 1.0))
+    torch.testing.assert_close(coarse, fine)
+    # Without the voxel size, the coarse axis is penalised 9× too much.
+    torch.testing.assert_close(hessian_penalty(sampled(3.0, 8)), 9 * fine)

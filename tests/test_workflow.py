@@ -109,6 +109,25 @@ def test_axes_mismatch_names_the_file(tmp_path):
         make_plan(validate_config(config))
 
 
+def test_voxel_size_of_the_wrong_length_is_refused_at_planning(tmp_path):
+    config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
+    config["input"]["voxel_size"] = [0.5, 0.2, 0.2]
+    with pytest.raises(CiderError, match=r"input.voxel_size.*3 values but the images have 2 spatial axes"):
+        make_plan(validate_config(config))
+
+
+def test_psf_file_is_cleaned_and_resampled_at_planning(tmp_path, capfd):
+    """A PSF file at half the image's sampling, with a pedestal: resampled, said so."""
+    config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
+    fine = gaussian_psf(3.0, size=25) * 1000 + 2.0  # 0.1 µm pixels, image has 0.2 µm
+    tifffile.imwrite(tmp_path / "psf.tif", fine.astype(np.float32))
+    config["psf"]["voxel_size"] = [0.1, 0.1]
+    plan = make_plan(validate_config(config))
+    err = capfd.readouterr().err
+    assert "pedestal" in err and "resampled" in err
+    assert plan.psf_shape[0] < 25
+
+
 def test_lint_and_format_are_clean():
     lint = subprocess.run([*SNAKEMAKE, "--lint"], cwd=ROOT, capture_output=True, text=True)
     assert "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr

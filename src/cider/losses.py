@@ -26,9 +26,17 @@ def ssim_loss(
     return 1 - ssim(estimate, target, data_range=data_range, win_size=11, win_sigma=1.5, K=(0.01, k2))
 
 
-def _second_differences(x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-    """Pure and mixed second differences of the spatial axes with their weights (1 or 2)."""
+def _second_differences(
+    x: torch.Tensor, spacing: tuple[float, ...] | None = None
+) -> list[tuple[torch.Tensor, float]]:
+    """Pure and mixed second differences of the spatial axes with their weights.
+
+    Weights: 1 (pure) and 2 (mixed), divided by ``h_a h_b`` with ``h`` the voxel spacing
+    relative to the finest axis, so the differences estimate *physical* second
+    derivatives (in units of the finest pixel).
+    """
     ndim = x.ndim - 2
+    h = [1.0] * ndim if spacing is None else [s / min(spacing) for s in spacing]
     axes = list(range(2, x.ndim))
     terms: list[tuple[torch.Tensor, float]] = []
     for i, a in enumerate(axes):
@@ -37,23 +45,30 @@ def _second_differences(x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
             - 2 * x.narrow(a, 1, x.shape[a] - 2)
             + x.narrow(a, 0, x.shape[a] - 2)
         )
-        terms.append((pure, 1.0))
-        for b in axes[i + 1 :]:
+        terms.append((pure, 1.0 / h[i] ** 2))
+        for j, b in enumerate(axes[i + 1 :], start=i + 1):
             d = x.narrow(a, 1, x.shape[a] - 1) - x.narrow(a, 0, x.shape[a] - 1)
-            terms.append((d.narrow(b, 1, d.shape[b] - 1) - d.narrow(b, 0, d.shape[b] - 1), 2.0))
+            terms.append(
+                (d.narrow(b, 1, d.shape[b] - 1) - d.narrow(b, 0, d.shape[b] - 1), 2.0 / (h[i] * h[j]))
+            )
     assert len(terms) == ndim * (ndim + 1) // 2
     return terms
 
 
-def hessian_penalty(x: torch.Tensor) -> torch.Tensor:
+def hessian_penalty(x: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
     """Mean L1 norm of the Hessian: ``|xx| + |yy| + 2|xy|`` (3D: all six terms).
 
     Parameters
     ----------
     x : torch.Tensor
         Shape (N, C, Y, X) or (N, C, Z, Y, X).
+    spacing : tuple of float, optional
+        Voxel size per spatial axis (any unit). With a z step 3× the xy pixel, a z second
+        difference is divided by 9: the prior then penalises physical curvature equally
+        along every axis instead of smoothing z (the coarsest axis) most. Default:
+        isotropic pixels.
     """
-    return sum(w * d.abs().mean() for d, w in _second_differences(x))
+    return sum(w * d.abs().mean() for d, w in _second_differences(x, spacing))
 
 
 def sparsity_penalty(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -217,6 +217,7 @@ class Prepared:
     scale: float
     noise: NoiseModel
     noise_level: float
+    voxel_size: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -292,6 +293,7 @@ def prepare(
     noise: NoiseModel | None = None,
     device: torch.device | None = None,
     mean_signal: float | None = None,
+    voxel_size: Sequence[float] | None = None,
 ) -> Prepared:
     """Validate inputs, remove the background, divide by one intensity scale.
 
@@ -315,6 +317,9 @@ def prepare(
         Mean signal (data units) at which the noise level is taken (the workflow passes
         the whole image's, so that all tiles get the same loss weights); default: the
         image's mean.
+    voxel_size : sequence of float, optional
+        Sampling per axis (Z, Y, X or Y, X); anisotropic voxels weight the Hessian prior
+        per axis (:func:`cider.losses.hessian_penalty`). Default: isotropic.
     device : torch.device, optional
         Default: ``resolve_device(config.device)``.
     """
@@ -333,7 +338,13 @@ def prepare(
     level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
     observation = torch.as_tensor(image / scale, dtype=torch.float32, device=device)
     psf_t = torch.as_tensor(psf, dtype=torch.float32, device=device)
-    return Prepared(observation, psf_t, scale, noise, level)
+    if voxel_size is not None:
+        voxel_size = tuple(float(v) for v in voxel_size)
+        if len(voxel_size) != image.ndim or min(voxel_size) <= 0:
+            raise ImageError(
+                f"voxel_size {voxel_size}: give {image.ndim} positive values, one per image axis"
+            )
+    return Prepared(observation, psf_t, scale, noise, level, voxel_size)
 
 
 def deconvolved_features(prepared: Prepared, config: RestoreConfig) -> torch.Tensor:
@@ -470,7 +481,7 @@ def fit_generator(
         if config.data_weight:
             loss = loss + config.data_weight * prepared.noise_level**2 * residual.mean()
         if hessian_weight:
-            loss = loss + hessian_weight * hessian_penalty(estimate)
+            loss = loss + hessian_weight * hessian_penalty(estimate, prepared.voxel_size)
         if config.sparsity_weight:
             loss = loss + config.sparsity_weight * sparsity_penalty(estimate)
         loss.backward()
@@ -524,6 +535,7 @@ def restore(
     *,
     background: np.ndarray | None = None,
     scale: float | None = None,
+    voxel_size: Sequence[float] | None = None,
 ) -> Result:
     """Restore one 2D image or 3D volume with CiDeR.
 
@@ -535,7 +547,7 @@ def restore(
         PSF with the same number of axes, applied by convolution.
     config : RestoreConfig, optional
         Settings; default ``RestoreConfig()`` (3000 iterations, paper schedule).
-    background, scale
+    background, scale, voxel_size
         See :func:`prepare`.
 
     Returns
@@ -554,7 +566,7 @@ def restore(
     config = config or RestoreConfig()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared = prepare(image, psf, config, background, scale)
+    prepared = prepare(image, psf, config, background, scale, voxel_size=voxel_size)
     device = prepared.observation.device
     timings["prepare"] = time.perf_counter() - start
     features = deconvolved_features(prepared, config)

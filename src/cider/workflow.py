@@ -274,6 +274,13 @@ def _cached_plan(config_json: str) -> Plan:
     ndim = len(units[0].shape)
     if any(len(u.shape) != ndim for u in units):
         raise CiderError("config key 'input.path': all inputs must have the same number of spatial axes")
+    voxel = config["input"].get("voxel_size")
+    if voxel is not None and len(voxel) != ndim:
+        axes = config["input"]["axes"]
+        raise CiderError(
+            f"config key 'input.voxel_size': {voxel} has {len(voxel)} values but the images have {ndim} "
+            f"spatial axes (input.axes {axes!r}); give one size per spatial axis, Z Y X order"
+        )
     psf_shape = make_psf(config, ndim).shape
     tiling = config["tiling"]
     tile_size = _per_axis(tiling["tile_size"], ndim, "tiling.tile_size")
@@ -396,7 +403,15 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     rcfg = _restore_config(config)
     noise = NoiseModel(**intensity["noise"])
     prepared = prepare(
-        data, psf, rcfg, background, intensity["scale"], noise, device=device, mean_signal=intensity["mean"]
+        data,
+        psf,
+        rcfg,
+        background,
+        intensity["scale"],
+        noise,
+        device=device,
+        mean_signal=intensity["mean"],
+        voxel_size=config["input"]["voxel_size"],
     )
     return prepared, rcfg
 
