@@ -121,3 +121,20 @@ def test_positive_map_round_trip():
     delta[1, 1] = 1
     rl = richardson_lucy(positive, delta, 5, boundary="same", init=positive)
     assert torch.allclose(from_positive(rl, low, scale, 0.01), features, atol=1e-9)
+
+
+def test_positivity_map_from_a_given_range_is_the_same_for_every_tile():
+    """Two overlapping tiles mapped with the image's range agree on their common pixels."""
+    from cider.rl import from_positive, to_positive
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    value_range = (image.amin(dim=(1, 2)).tolist(), image.amax(dim=(1, 2)).tolist())
+    left, _, _ = to_positive(image[:, :, :30], 0.01, 2, value_range)
+    right, _, _ = to_positive(image[:, :, 10:], 0.01, 2, value_range)
+    torch.testing.assert_close(left[:, :, 10:], right[:, :, :20])
+    own_left, _, _ = to_positive(image[:, :, :30], 0.01, 2)
+    own_right, _, _ = to_positive(image[:, :, 10:], 0.01, 2)
+    assert not torch.allclose(own_left[:, :, 10:], own_right[:, :, :20])  # what tiles did before
+    positive, low, scale = to_positive(image, 0.01, 2, value_range)
+    torch.testing.assert_close(from_positive(positive, low, scale, 0.01), image)

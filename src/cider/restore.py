@@ -347,20 +347,50 @@ def prepare(
     return Prepared(observation, psf_t, scale, noise, level, voxel_size)
 
 
-def deconvolved_features(prepared: Prepared, config: RestoreConfig) -> torch.Tensor:
-    """Generator input of shape ``(C, *(image + psf − 1))`` for ``config.generator_input``."""
+def raw_features(observation: torch.Tensor, config: RestoreConfig) -> torch.Tensor:
+    """What RL deconvolves: the deep features (or, for ``image_rl``, the image), ``(C, *shape)``."""
+    if config.generator_input == "image_rl":
+        return observation[None]
+    model = load_feature_extractor(config.feature_weights, device=observation.device)
+    return extract_features(observation, model)
+
+
+def feature_range(
+    observation: torch.Tensor, config: RestoreConfig, planes: int = 16
+) -> tuple[list[float], list[float]]:
+    """Per-channel minimum and maximum of :func:`raw_features` (the whole image's, once).
+
+    Volumes are processed ``planes`` Z planes at a time (the extractor is 2D), so memory
+    stays at a slab's features, not the volume's 16 feature maps.
+    """
+    slabs = [observation] if observation.ndim == 2 else torch.split(observation, planes)
+    lows, highs = [], []
+    for slab in slabs:
+        features = raw_features(slab, config)
+        dims = tuple(range(1, features.ndim))
+        lows.append(features.amin(dim=dims))
+        highs.append(features.amax(dim=dims))
+    return torch.stack(lows).amin(0).tolist(), torch.stack(highs).amax(0).tolist()
+
+
+def deconvolved_features(
+    prepared: Prepared,
+    config: RestoreConfig,
+    value_range: tuple[list[float], list[float]] | None = None,
+) -> torch.Tensor:
+    """Generator input of shape ``(C, *(image + psf − 1))`` for ``config.generator_input``.
+
+    ``value_range``: the whole image's :func:`feature_range` when ``prepared`` is one tile,
+    so that every tile's features go through the same positivity map before RL.
+    """
     y, psf = prepared.observation, prepared.psf
     ndim = y.ndim
     object_shape = tuple(n + k - 1 for n, k in zip(y.shape, psf.shape))
     if config.generator_input == "noise":
         rng = torch.Generator().manual_seed(config.seed + 1)
         return (0.1 * torch.rand(16, *object_shape, generator=rng)).to(y.device)
-    if config.generator_input == "image_rl":
-        features = y[None]
-    else:
-        model = load_feature_extractor(config.feature_weights, device=y.device)
-        features = extract_features(y, model)
-    positive, low, scale = to_positive(features, config.feature_offset, ndim)
+    features = raw_features(y, config)
+    positive, low, scale = to_positive(features, config.feature_offset, ndim, value_range)
     deconvolved = richardson_lucy(positive, psf, config.rl_iterations, boundary="valid")
     return from_positive(deconvolved, low, scale, config.feature_offset)
 

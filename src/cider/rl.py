@@ -187,7 +187,10 @@ def richardson_lucy(
 
 
 def to_positive(
-    features: torch.Tensor, offset: float, ndim: int
+    features: torch.Tensor,
+    offset: float,
+    ndim: int,
+    value_range: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Map each channel affinely to ``[offset, 1 + offset]`` so that RL can run on it.
 
@@ -200,6 +203,11 @@ def to_positive(
         multiplicative update would freeze.
     ndim : int
         Number of spatial axes.
+    value_range : (low, high), optional
+        Per-channel minimum and maximum to map from (shape ``(C,)``), e.g. those of the
+        whole image when ``features`` is one tile of it: RL is not shift-equivariant
+        under different maps, so all tiles of an image must share one. Default: the
+        minimum and maximum of ``features``.
 
     Returns
     -------
@@ -208,9 +216,17 @@ def to_positive(
         shape ``(C, 1, ..., 1)`` and undo the map in :func:`from_positive`.
     """
     dims = tuple(range(-ndim, 0))
-    low = features.amin(dim=dims, keepdim=True)
-    scale = (features.amax(dim=dims, keepdim=True) - low).clamp_min(1e-12)
-    return (features - low) / scale + offset, low, scale
+    if value_range is None:
+        low = features.amin(dim=dims, keepdim=True)
+        high = features.amax(dim=dims, keepdim=True)
+    else:
+        shape = (-1,) + (1,) * ndim
+        low, high = (
+            torch.as_tensor(v, dtype=features.dtype, device=features.device).reshape(shape)
+            for v in value_range
+        )
+    scale = (high - low).clamp_min(1e-12)
+    return ((features - low) / scale + offset).clamp_min(offset), low, scale
 
 
 def from_positive(

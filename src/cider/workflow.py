@@ -380,12 +380,28 @@ def run_background(config: dict, unit_id: str) -> None:
         io.atomic_write_npy(p.background(unit_id), background.astype(np.float32))
         data = data - background
     noise = estimate_noise(data)
+    scale = float(data.max()) if data.max() > 0 else 1.0
     intensity = {
-        "scale": float(data.max()),
+        "scale": scale,
         "mean": float(data.mean()),
         "noise": {"gain": noise.gain, "floor": noise.floor},
     }
+    value_range = _feature_range(data / scale, _restore_config(config, device="cpu"))
+    if value_range is not None:
+        intensity["feature_low"], intensity["feature_high"] = value_range
     io.atomic_write_json(p.intensity(unit_id), intensity)
+
+
+def _feature_range(observation: np.ndarray, rcfg) -> tuple[list[float], list[float]] | None:
+    """The whole image's per-channel feature range (one positivity map for all its tiles)."""
+    import torch
+
+    from .restore import feature_range
+
+    if rcfg.generator_input == "noise":
+        return None
+    with torch.no_grad():
+        return feature_range(torch.as_tensor(observation, dtype=torch.float32), rcfg)
 
 
 def _prepared_tile(config: dict, tile: Tile, device=None):
@@ -422,7 +438,11 @@ def run_features(config: dict, tile_id: str) -> None:
 
     tile = make_plan(config).tile(tile_id)
     prepared, rcfg = _prepared_tile(config, tile)
-    features = deconvolved_features(prepared, rcfg)
+    intensity = json.loads(paths(config).intensity(tile.unit_id).read_text())
+    value_range = (
+        (intensity["feature_low"], intensity["feature_high"]) if "feature_low" in intensity else None
+    )
+    features = deconvolved_features(prepared, rcfg, value_range)
     io.atomic_write_npy(paths(config).features(tile_id), features.cpu().numpy().astype(np.float32))
 
 
