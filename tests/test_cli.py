@@ -65,3 +65,27 @@ def test_psf_command_writes_normalised_psf(tmp_path):
     assert cli.main(["psf", "--gaussian", "2", "1", "1", "-o", str(tmp_path / "p.tif")]) == 0
     psf = tifffile.imread(tmp_path / "p.tif")
     assert psf.shape == (17, 9, 9) and psf.sum() == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--iterations", "0"], "--iterations must be ≥ 1"), (["-o", "SAME"], "is the input file")],
+)
+def test_restore_refuses_lossy_requests_before_any_work(tmp_path, capsys, extra, message):
+    image = tmp_path / "in.tif"
+    tifffile.imwrite(image, blobs((32, 32), 5).astype(np.float32))
+    before = image.read_bytes()
+    args = ["restore", str(image), "--gaussian-sigma", "1", "-o", str(tmp_path / "out.tif"), "--quiet"]
+    if extra[0] == "-o":
+        args[args.index("-o") + 1] = str(image)
+    else:
+        args += extra
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert image.read_bytes() == before and not (tmp_path / "out.tif").exists()
+
+
+def test_metrics_json_is_strict(tmp_path):
+    with pytest.raises(ValueError, match=r"m.json: refusing to write non-finite"):
+        io.atomic_write_json(tmp_path / "m.json", {"loss": float("nan")})
+    assert not (tmp_path / "m.json").exists()

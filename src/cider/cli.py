@@ -29,6 +29,16 @@ def _restore(args: argparse.Namespace) -> int:
     from .psf import clean_psf, gaussian_psf
     from .restore import RestoreConfig, restore
 
+    if args.iterations < 1:
+        print(
+            "cider restore: --iterations must be ≥ 1 (0 would return an untrained generator)", file=sys.stderr
+        )
+        return 2
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        print(
+            f"cider restore: -o {args.output} is the input file; choose another output path", file=sys.stderr
+        )
+        return 2
     image = io.read_image(args.input)
     if image.ndim == 3 and image.shape[-1] in (3, 4) and Path(args.input).suffix.lower() == ".png":
         image = image[..., :3].mean(axis=-1)
@@ -62,7 +72,7 @@ def _restore(args: argparse.Namespace) -> int:
         "device": result.device,
         "iterations": result.iterations,
         "final_loss": result.loss_history[-1] if result.loss_history else None,
-        "chi2": result.chi2,
+        "chi2": result.chi2 if np.isfinite(result.chi2) else None,
         "stopped": result.stopped,
         "seconds": {k: round(v, 2) for k, v in result.timings.items()},
     }

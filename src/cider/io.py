@@ -104,11 +104,18 @@ def atomic_write_npy(path: str | Path, array: np.ndarray) -> None:
 
 
 def atomic_write_json(path: str | Path, data: dict) -> None:
-    """Write JSON to ``path`` atomically (temporary file, then rename)."""
+    """Write strict JSON to ``path`` atomically (temporary file, then rename).
+
+    Raises ``ValueError`` (naming the file) for NaN or infinite values, which are not JSON.
+    """
     path = Path(path)
+    try:
+        text = json.dumps(data, indent=2, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: refusing to write non-finite values as JSON ({err})") from err
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=2)
+        f.write(text)
         tmp = f.name
     os.replace(tmp, path)
 

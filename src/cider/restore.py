@@ -145,7 +145,7 @@ class RestoreConfig:
     hessian_noise_weight: float = 60.0
     ssim_noise_factor: float = 5.0
     sparsity_weight: float = 0.0
-    data_weight: float = 100.0
+    data_weight: float = 0.0
     output: str = "softplus"
     stop: str = "none"
     discrepancy: float = 1.0

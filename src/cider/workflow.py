@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -467,7 +468,7 @@ def run_fit(config: dict, tile_id: str) -> dict:
         "padded": [list(w) for w in tile.padded],
         "iterations": len(losses),
         "final_loss": losses[-1] if losses else None,
-        "chi2": fit.chi2,
+        "chi2": fit.chi2 if math.isfinite(fit.chi2) else None,
         "stopped": fit.stopped,
         "flux_factor": fit.flux_factor,
         "loss_history": losses[:: max(1, len(losses) // 200)],
