@@ -74,7 +74,7 @@ def test_stored_results_are_reused_only_with_the_same_settings():
     assert not levin.same_settings(levin.settings(baseline.with_(learning_rate=0.02)), baseline, baseline)
     assert not levin.same_settings(None, baseline, baseline)
     # A setting added later reads as its legacy value (the behaviour before it existed):
-    # a result without data_weight was made without the data term, not with the default.
-    before = {key: value for key, value in stored.items() if key != "data_weight"}
+    # a result without "output" was made with the paper's sigmoid, not today's softplus.
+    before = {key: value for key, value in stored.items() if key != "output"}
     assert not levin.same_settings(before, baseline, baseline)
-    assert levin.same_settings(before, baseline.with_(data_weight=0.0), baseline)
+    assert levin.same_settings(before, baseline.with_(output="sigmoid"), baseline)
