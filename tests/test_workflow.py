@@ -175,7 +175,7 @@ def test_end_to_end_2d(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_3d(tmp_path):
-    config = _dataset(tmp_path, (12, 36, 36), (0.8, 1.2, 1.2), [12, 24, 24], iterations=30)
+    config = _dataset(tmp_path, (12, 36, 36), (0.8, 1.2, 1.2), [12, 24, 24], iterations=100)
     run = _snakemake(config)
     assert run.returncode == 0, run.stderr[-3000:]
     from ome_zarr.io import parse_url
