@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from cider.psf import gaussian_psf, lightsheet_psf, normalize_psf, widefield_psf
+from cider.psf import crop_to_energy, gaussian_psf, lightsheet_psf, normalize_psf, widefield_psf
 from cider.rl import BlurOperator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,29 +192,10 @@ def synthetic_case(name: str, full: bool = False) -> Case:
 
 
 def _crop_energy(psf: np.ndarray, energy: float, max_shape=None) -> np.ndarray:
-    """Crop a centred PSF symmetrically to the smallest box holding ``energy`` of its sum.
-
-    ``max_shape`` (odd sizes) caps the box per axis.
-    """
+    """:func:`cider.psf.crop_to_energy` of the PSF (capped at ``max_shape``), normalised."""
     if max_shape is not None:
         psf = _centre_crop(psf, [min(n, m) for n, m in zip(psf.shape, max_shape)])
-    psf = psf / psf.sum()
-    centre = [n // 2 for n in psf.shape]
-    half = [0] * psf.ndim
-    while True:
-        box = tuple(slice(c - h, c + h + 1) for c, h in zip(centre, half))
-        if psf[box].sum() >= energy or all(h == c for h, c in zip(half, centre)):
-            return normalize_psf(psf[box])
-        # grow the axis whose growth adds most energy
-        gains = []
-        for axis in range(psf.ndim):
-            if half[axis] == centre[axis]:
-                gains.append(-1.0)
-                continue
-            trial = list(half)
-            trial[axis] += 1
-            gains.append(psf[tuple(slice(c - h, c + h + 1) for c, h in zip(centre, trial))].sum())
-        half[int(np.argmax(gains))] += 1
+    return normalize_psf(crop_to_energy(psf / psf.sum(), energy))
 
 
 def bars_case(psf_energy: float | None = 0.99) -> Case:

@@ -12,9 +12,9 @@ constant and linear signal exactly, and its samples are independent. A blurred i
 smooth at this scale (PSF σ ≳ 1 px), so the estimate is biased upward only slightly by
 structure (the robust median-based variance ignores most of it).
 
-The fit uses this model in the generator fit's data term and its stopping rule (the
-discrepancy principle: a re-blurred estimate that is closer to the data than the noise
-allows is fitting the noise).
+The fit uses this model for its noise-aware weights (Hessian prior, SSIM constant), for
+the optional data term and for the optional stopping rule (the discrepancy principle: a
+re-blurred estimate that is closer to the data than the noise allows is fitting noise).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from .errors import PsfError
 
 __all__ = [
     "clean_psf",
+    "crop_to_energy",
     "psf_centroid",
     "validate_psf",
     "normalize_psf",
@@ -265,7 +266,7 @@ def _resample(psf: np.ndarray, psf_voxel: Sequence[float], image_voxel: Sequence
     return sampled[0, 0].numpy() * float(np.prod(factors))
 
 
-def _crop_to_energy(psf: np.ndarray, energy: float) -> np.ndarray:
+def crop_to_energy(psf: np.ndarray, energy: float) -> np.ndarray:
     """Smallest centred box (odd sizes) holding ``energy`` of the sum, grown one axis at a time."""
     total = psf.sum()
     centre = [n // 2 for n in psf.shape]
@@ -368,7 +369,7 @@ def clean_psf(
             moved = tuple(round(float(d), 2) for d in offset)
             notes.append(f"{name}: centroid moved by {moved} px onto the centre pixel")
     if energy < 1:
-        cropped = _crop_to_energy(psf, energy)
+        cropped = crop_to_energy(psf, energy)
         if cropped.shape != psf.shape:
             notes.append(f"{name}: cropped from {psf.shape} to {cropped.shape} ({energy:.4%} of its energy)")
             psf = cropped

@@ -9,9 +9,10 @@ one by one (features on a CPU/GPU job, the fit on a GPU job) and gets the same r
    Richardson–Lucy with the PSF (``valid`` boundary, so the features already have the
    estimate's size ``image + psf − 1``), and the positivity map undone;
 3. :func:`fit_generator` – fit the generator so that its output, re-blurred by the PSF
-   (``valid``), matches the observation in SSIM and in a noise-weighted L2 term, with
-   Hessian and sparsity priors; stop when the re-blurred estimate is as close to the data
-   as the noise allows (discrepancy principle), then rescale it to keep the observed flux.
+   (``valid``), matches the observation in SSIM (its contrast constant raised to the
+   noise level), with a Hessian prior whose weight grows with the noise and an optional
+   sparsity prior; optionally a noise-weighted L2 data term and a discrepancy stop; then
+   rescale the estimate to keep the observed flux.
 
 Intensities: the output is in the input's units. Zero stays zero (the data are divided by
 one positive scale, never shifted), so a restored spot's integrated intensity is
@@ -50,6 +51,7 @@ __all__ = [
     "resolve_device",
     "validate_image",
     "to_data_units",
+    "intensity_scale",
 ]
 
 GENERATOR_INPUTS = ("features", "image_rl", "noise")
@@ -186,15 +188,15 @@ class RestoreConfig:
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise CiderError(f"RestoreConfig: invalid value(s) {values}; see the RestoreConfig docstring")
-        for name, allowed in (("stop", STOP_RULES), ("output", OUTPUTS)):
+        for name, allowed in (
+            ("generator_input", GENERATOR_INPUTS),
+            ("stop", STOP_RULES),
+            ("output", OUTPUTS),
+        ):
             if getattr(self, name) not in allowed:
                 raise CiderError(
                     f"RestoreConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
-        if self.generator_input not in GENERATOR_INPUTS:
-            raise CiderError(
-                f"RestoreConfig: generator_input must be one of {GENERATOR_INPUTS}, got {self.generator_input!r}"
-            )
 
     def with_(self, **changes) -> RestoreConfig:
         """Copy with some fields changed (``background`` may be given as a dict)."""
@@ -325,26 +327,32 @@ def prepare(
     """
     image = validate_image(image)
     psf = validate_psf(psf, image.shape)
-    device = device or resolve_device(config.device)
-    if background is not None:
-        image = image - np.asarray(background, dtype=np.float64)
-    elif config.background.enabled:
-        image = image - wavelet_background(image, config.background)
-    if scale is None:
-        scale = float(image.max()) if config.normalize else 1.0
-    scale = float(scale) if scale > 0 else 1.0
-    noise = (noise or estimate_noise(image)).scaled(1 / scale)
-    mean_signal = float(image.mean()) if mean_signal is None else float(mean_signal)
-    level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
-    observation = torch.as_tensor(image / scale, dtype=torch.float32, device=device)
-    psf_t = torch.as_tensor(psf, dtype=torch.float32, device=device)
     if voxel_size is not None:
         voxel_size = tuple(float(v) for v in voxel_size)
         if len(voxel_size) != image.ndim or min(voxel_size) <= 0:
             raise ImageError(
                 f"voxel_size {voxel_size}: give {image.ndim} positive values, one per image axis"
             )
+    device = device or resolve_device(config.device)
+    if background is not None:
+        image = image - np.asarray(background, dtype=np.float64)
+    elif config.background.enabled:
+        image = image - wavelet_background(image, config.background)
+    if scale is None:
+        scale = intensity_scale(image) if config.normalize else 1.0
+    scale = float(scale) if scale > 0 else 1.0
+    noise = (noise or estimate_noise(image)).scaled(1 / scale)
+    mean_signal = float(image.mean()) if mean_signal is None else float(mean_signal)
+    level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
+    observation = torch.as_tensor(image / scale, dtype=torch.float32, device=device)
+    psf_t = torch.as_tensor(psf, dtype=torch.float32, device=device)
     return Prepared(observation, psf_t, scale, noise, level, voxel_size)
+
+
+def intensity_scale(image: np.ndarray) -> float:
+    """Data units per unit of the method: the maximum, or 1 when nothing is positive."""
+    high = float(np.max(image))
+    return high if high > 0 else 1.0
 
 
 def raw_features(observation: torch.Tensor, config: RestoreConfig) -> torch.Tensor:
@@ -439,6 +447,11 @@ class Fit:
         return len(self.losses)
 
 
+def _chi2(blurred: torch.Tensor, target: torch.Tensor, noise: NoiseModel) -> torch.Tensor:
+    """Data misfit per pixel in units of the noise variance (variance taken at ``Ax``)."""
+    return ((blurred - target) ** 2 / noise.variance(blurred.detach())).mean()
+
+
 def _is_flat(y: torch.Tensor) -> bool:
     return bool((y.amax() - y.amin()) <= 1e-7 * max(float(y.abs().amax()), 1e-30))
 
@@ -505,11 +518,9 @@ def fit_generator(
             current = estimate.detach()
             average = current.clone() if average is None else average.lerp_(current, 1 - config.average)
         blurred = blur(estimate)
-        residual = (blurred - target) ** 2 / noise.variance(blurred.detach())
-        chi2_now = residual.detach().mean()
         loss = config.ssim_weight * ssim_loss(blurred, target, k2=ssim_k2)
         if config.data_weight:
-            loss = loss + config.data_weight * prepared.noise_level**2 * residual.mean()
+            loss = loss + config.data_weight * prepared.noise_level**2 * _chi2(blurred, target, noise)
         if hessian_weight:
             loss = loss + hessian_weight * hessian_penalty(estimate, prepared.voxel_size)
         if config.sparsity_weight:
@@ -525,7 +536,8 @@ def fit_generator(
         block = torch.stack(pending).tolist()
         losses += block
         pending.clear()
-        chi2 = float(chi2_now)
+        with torch.no_grad():
+            chi2 = float(_chi2(blurred, target, noise))
         if callback is not None:
             callback(iteration, losses[-1], (average if average is not None else estimate.detach())[0, 0])
         if not all(math.isfinite(v) for v in block):

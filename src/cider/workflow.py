@@ -380,8 +380,10 @@ def run_background(config: dict, unit_id: str) -> None:
         background = wavelet_background(data, BackgroundConfig(**bg_cfg))
         io.atomic_write_npy(p.background(unit_id), background.astype(np.float32))
         data = data - background
+    from .restore import intensity_scale
+
     noise = estimate_noise(data)
-    scale = float(data.max()) if data.max() > 0 else 1.0
+    scale = intensity_scale(data)
     intensity = {
         "scale": scale,
         "mean": float(data.mean()),
@@ -406,6 +408,7 @@ def _feature_range(observation: np.ndarray, rcfg) -> tuple[list[float], list[flo
 
 
 def _prepared_tile(config: dict, tile: Tile, device=None):
+    """A tile's prepared observation, its RestoreConfig and its image's intensity record."""
     from .restore import prepare
 
     p = paths(config)
@@ -430,7 +433,7 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         mean_signal=intensity["mean"],
         voxel_size=config["input"]["voxel_size"],
     )
-    return prepared, rcfg
+    return prepared, rcfg, intensity
 
 
 def run_features(config: dict, tile_id: str) -> None:
@@ -438,8 +441,7 @@ def run_features(config: dict, tile_id: str) -> None:
     from .restore import deconvolved_features
 
     tile = make_plan(config).tile(tile_id)
-    prepared, rcfg = _prepared_tile(config, tile)
-    intensity = json.loads(paths(config).intensity(tile.unit_id).read_text())
+    prepared, rcfg, intensity = _prepared_tile(config, tile)
     value_range = (
         (intensity["feature_low"], intensity["feature_high"]) if "feature_low" in intensity else None
     )
@@ -457,7 +459,7 @@ def run_fit(config: dict, tile_id: str) -> dict:
         raise RuntimeError(f"tile {tile_id}: failure injected through ${FAIL_ENV} (testing hook)")
     start = time.perf_counter()
     tile, p = make_plan(config).tile(tile_id), paths(config)
-    prepared, rcfg = _prepared_tile(config, tile)
+    prepared, rcfg, _ = _prepared_tile(config, tile)
     features = torch.from_numpy(np.load(p.features(tile_id))).to(prepared.observation.device)
     fit = fit_generator(features, prepared, rcfg)
     restored = to_data_units(fit.estimate, prepared)
