@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GeneratorConfig", "Generator", "count_parameters"]
+__all__ = ["GeneratorConfig", "Generator", "count_parameters", "softplus_inverse"]
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,13 @@ class Generator(nn.Module):
         data's maximum.
         """
         if self.config.output == "softplus":
-            level = max(float(level), 1e-4)
-            self.head.bias.fill_(level + math.log(-math.expm1(-level)))
+            self.head.bias.fill_(softplus_inverse(level))
+
+
+def softplus_inverse(level: float) -> float:
+    """Pre-activation whose softplus is ``level`` (floored at 1e-4)."""
+    level = max(float(level), 1e-4)
+    return level + math.log(-math.expm1(-level))
 
 
 def count_parameters(model: nn.Module) -> int:

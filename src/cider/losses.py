@@ -15,15 +15,32 @@ __all__ = ["ssim_loss", "hessian_penalty", "sparsity_penalty"]
 
 
 def ssim_loss(
-    estimate: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, k2: float = 0.03
+    estimate: torch.Tensor,
+    target: torch.Tensor,
+    data_range: float = 1.0,
+    k2: float | torch.Tensor = 0.03,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """``1 − SSIM`` with an 11-px Gaussian window (σ = 1.5), for (N,C,Y,X) or (N,C,Z,Y,X).
 
     ``k2`` sets the contrast–structure constant ``C2 = (k2 · data_range)²`` (standard:
     0.03). Raised above the noise level, it keeps SSIM from rewarding an estimate whose
-    local variance copies the noise's (see :func:`cider.restore.fit_generator`).
+    local variance copies the noise's (see :func:`cider.fitting.fit_generators`). A
+    tensor ``k2`` of shape (N,) gives every sample its own constant.
+    ``per_sample``: return one loss per sample, shape (N,), instead of their mean.
     """
-    return 1 - ssim(estimate, target, data_range=data_range, win_size=11, win_sigma=1.5, K=(0.01, k2))
+    if torch.is_tensor(k2) and k2.ndim:
+        k2 = k2.reshape(-1, *([1] * (estimate.ndim - 1)))
+    value = ssim(
+        estimate,
+        target,
+        data_range=data_range,
+        win_size=11,
+        win_sigma=1.5,
+        K=(0.01, k2),
+        size_average=not per_sample,
+    )
+    return 1 - value
 
 
 def _second_differences(
@@ -55,7 +72,9 @@ def _second_differences(
     return terms
 
 
-def hessian_penalty(x: torch.Tensor, spacing: tuple[float, ...] | None = None) -> torch.Tensor:
+def hessian_penalty(
+    x: torch.Tensor, spacing: tuple[float, ...] | None = None, per_sample: bool = False
+) -> torch.Tensor:
     """Mean L1 norm of the Hessian: ``|xx| + |yy| + 2|xy|`` (3D: all six terms).
 
     Parameters
@@ -67,10 +86,16 @@ def hessian_penalty(x: torch.Tensor, spacing: tuple[float, ...] | None = None) -
         difference is divided by 9: the prior then penalises physical curvature equally
         along every axis instead of smoothing z (the coarsest axis) most. Default:
         isotropic pixels.
+    per_sample : bool
+        Return one value per sample, shape (N,), instead of their mean.
     """
-    return sum(w * d.abs().mean() for d, w in _second_differences(x, spacing))
+    return sum(w * _mean(d.abs(), per_sample) for d, w in _second_differences(x, spacing))
 
 
-def sparsity_penalty(x: torch.Tensor) -> torch.Tensor:
+def sparsity_penalty(x: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     """Mean absolute value (L1 sparsity prior for fluorescence data)."""
-    return x.abs().mean()
+    return _mean(x.abs(), per_sample)
+
+
+def _mean(x: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    return x.flatten(1).mean(1) if per_sample else x.mean()

@@ -33,11 +33,11 @@ import torch
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError, ImageError
 from .features import extract_features, load_feature_extractor
-from .generator import OUTPUTS, Generator, GeneratorConfig
-from .losses import hessian_penalty, sparsity_penalty, ssim_loss
+from .fitting import Fit, fit_generator, fit_generators, noise_aware_weights
+from .generator import OUTPUTS
 from .noise import NoiseModel, estimate_noise
 from .psf import validate_psf
-from .rl import BlurOperator, from_positive, richardson_lucy, to_positive
+from .rl import from_positive, richardson_lucy, to_positive
 
 __all__ = [
     "RestoreConfig",
@@ -48,6 +48,8 @@ __all__ = [
     "prepare",
     "deconvolved_features",
     "fit_generator",
+    "fit_generators",
+    "noise_aware_weights",
     "resolve_device",
     "validate_image",
     "to_data_units",
@@ -401,173 +403,6 @@ def deconvolved_features(
     positive, low, scale = to_positive(features, config.feature_offset, ndim, value_range)
     deconvolved = richardson_lucy(positive, psf, config.rl_iterations, boundary="valid")
     return from_positive(deconvolved, low, scale, config.feature_offset)
-
-
-def _lr_schedule(
-    optimizer: torch.optim.Optimizer, config: RestoreConfig
-) -> torch.optim.lr_scheduler.LRScheduler:
-    milestones = sorted({max(1, math.floor(m * config.iterations)) for m in config.lr_milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.5)
-
-
-def noise_aware_weights(config: RestoreConfig, noise_level: float) -> tuple[float, float]:
-    """Hessian weight and SSIM ``k2`` for a noise level σ (see :class:`RestoreConfig`)."""
-    hessian = config.hessian_weight + config.hessian_noise_weight * noise_level**2
-    return hessian, max(0.03, config.ssim_noise_factor * noise_level)
-
-
-@dataclass
-class Fit:
-    """Outcome of :func:`fit_generator`.
-
-    Attributes
-    ----------
-    estimate : torch.Tensor
-        The estimate, shape ``object_shape`` (units of the prepared observation).
-    losses : list of float
-        Total loss per iteration.
-    chi2 : float
-        Final data misfit per pixel in units of the noise variance.
-    stopped : str
-        ``discrepancy`` (χ² reached the noise level), ``plateau`` (early stopping),
-        ``iterations`` (ran them all) or ``flat`` (a constant observation, returned as
-        itself without a fit).
-    flux_factor : float
-        Factor the estimate was multiplied by to keep the observed flux (1 if not).
-    """
-
-    estimate: torch.Tensor
-    losses: list[float]
-    chi2: float
-    stopped: str
-    flux_factor: float = 1.0
-
-    @property
-    def iterations(self) -> int:
-        return len(self.losses)
-
-
-def _chi2(blurred: torch.Tensor, target: torch.Tensor, noise: NoiseModel) -> torch.Tensor:
-    """Data misfit per pixel in units of the noise variance (variance taken at ``Ax``)."""
-    return ((blurred - target) ** 2 / noise.variance(blurred.detach())).mean()
-
-
-def _is_flat(y: torch.Tensor) -> bool:
-    return bool((y.amax() - y.amin()) <= 1e-7 * max(float(y.abs().amax()), 1e-30))
-
-
-def fit_generator(
-    features: torch.Tensor,
-    prepared: Prepared,
-    config: RestoreConfig,
-    callback: Callable[[int, float, torch.Tensor], None] | None = None,
-) -> Fit:
-    """Fit a freshly initialised generator to one observation.
-
-    Parameters
-    ----------
-    features : torch.Tensor
-        Generator input ``(C, *object_shape)`` from :func:`deconvolved_features`.
-    prepared : Prepared
-        Observation, PSF and noise model.
-    config : RestoreConfig
-        Loss weights, optimiser, schedule and stopping rule.
-    callback : callable, optional
-        Called as ``callback(iteration, loss, estimate)`` every ``config.log_every``
-        iterations (``estimate`` is the current output, detached).
-
-    Returns
-    -------
-    Fit
-        Estimate, loss history and why the fit stopped.
-
-    Raises
-    ------
-    CiderError
-        If the fit produced non-finite values (never written out silently).
-    """
-    y, psf = prepared.observation, prepared.psf
-    ndim = y.ndim
-    blur = BlurOperator(psf, y.shape, boundary="valid")
-    object_shape = blur.object_shape
-    if _is_flat(y):
-        # A constant observation is the blur of the same constant: nothing to fit (and a
-        # flat target makes the SSIM gradient degenerate).
-        return Fit(torch.full(object_shape, float(y.flatten()[0]), device=y.device), [], 0.0, "flat")
-    torch.manual_seed(config.seed)
-    generator = Generator(ndim, GeneratorConfig(in_channels=features.shape[0], output=config.output))
-    generator.start_at(float(y.clamp_min(0).mean()))
-    generator = generator.to(y.device)
-    optimizer = torch.optim.NAdam(
-        generator.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    schedule = _lr_schedule(optimizer, config)
-    net_input, target = features[None], y[None, None]
-    noise = prepared.noise
-    hessian_weight, ssim_k2 = noise_aware_weights(config, prepared.noise_level)
-    pending: list[torch.Tensor] = []
-    losses: list[float] = []
-    chi2 = math.inf
-    stopped = "iterations"
-    best, since_best = math.inf, 0
-    average: torch.Tensor | None = None
-    for iteration in range(config.iterations):
-        optimizer.zero_grad(set_to_none=True)
-        estimate = generator(net_input)
-        if config.average:
-            current = estimate.detach()
-            average = current.clone() if average is None else average.lerp_(current, 1 - config.average)
-        blurred = blur(estimate)
-        loss = config.ssim_weight * ssim_loss(blurred, target, k2=ssim_k2)
-        if config.data_weight:
-            loss = loss + config.data_weight * prepared.noise_level**2 * _chi2(blurred, target, noise)
-        if hessian_weight:
-            loss = loss + hessian_weight * hessian_penalty(estimate, prepared.voxel_size)
-        if config.sparsity_weight:
-            loss = loss + config.sparsity_weight * sparsity_penalty(estimate)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        pending.append(loss.detach())
-        last = iteration == config.iterations - 1
-        if (iteration + 1) % config.log_every and not last:
-            continue
-        # One device synchronisation per ``log_every`` iterations.
-        block = torch.stack(pending).tolist()
-        losses += block
-        pending.clear()
-        with torch.no_grad():
-            chi2 = float(_chi2(blurred, target, noise))
-        if callback is not None:
-            callback(iteration, losses[-1], (average if average is not None else estimate.detach())[0, 0])
-        if not all(math.isfinite(v) for v in block):
-            raise CiderError(
-                f"generator fit diverged (loss {losses[-1]}) at iteration {iteration + 1}; "
-                "lower restore.learning_rate or check the data"
-            )
-        if config.stop == "discrepancy" and chi2 <= config.discrepancy:
-            stopped = "discrepancy"
-            break
-        if config.early_stop_patience:
-            for value in block:
-                if value < best * (1 - config.early_stop_tol):
-                    best, since_best = value, 0
-                else:
-                    since_best += 1
-            if since_best >= config.early_stop_patience:
-                stopped = "plateau"
-                break
-    with torch.no_grad():
-        estimate = average[0, 0] if average is not None else generator(net_input)[0, 0]
-        flux_factor = 1.0
-        if config.preserve_flux:
-            observed, modelled = float(y.sum()), float(blur(estimate).sum())
-            if observed > 0 and modelled > 0:
-                flux_factor = observed / modelled
-                estimate = estimate * flux_factor
-    if not bool(torch.isfinite(estimate).all()):
-        raise CiderError("generator fit produced NaN/infinite values; lower restore.learning_rate")
-    return Fit(estimate, losses, chi2, stopped, flux_factor)
 
 
 def restore(

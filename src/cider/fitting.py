@@ -1,0 +1,406 @@
+"""The generator fit: one observation, or a batch of same-shape observations at once.
+
+:func:`fit_generators` fits B observations (tiles of one image, or same-sized images) in
+one process. Every member has its own generator weights and optimiser state; the B
+generators run as one batched forward pass (``torch.func.stack_module_state`` layout +
+``vmap(functional_call)``), and the loss is the sum of the members' losses, so the
+gradient of member *i*'s weights is exactly the gradient of its own loss: the batch is
+B independent fits, computed together. A member that stops early (discrepancy or
+plateau) is taken out of the batch at that check, with its weights and optimiser state,
+so the others continue unchanged. :func:`fit_generator` is the batch of one.
+
+What makes a batch fast is the device: on a GPU a small tile leaves most of it idle, and
+B tiles per forward pass fill it (``bench/throughput.py``). Batch normalisation runs in
+training mode as in the sequential fit (batch statistics of each member's own
+activations; running statistics are not used by the fit and are not kept).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
+
+from .errors import CiderError
+from .generator import Generator, GeneratorConfig, softplus_inverse
+from .losses import hessian_penalty, sparsity_penalty, ssim_loss
+from .rl import BlurOperator
+
+if TYPE_CHECKING:
+    from .restore import Prepared, RestoreConfig
+
+__all__ = ["Fit", "fit_generator", "fit_generators", "noise_aware_weights"]
+
+Callback = Callable[[int, float, torch.Tensor], None]
+BatchCallback = Callable[[int, int, float, torch.Tensor], None]
+
+
+@dataclass
+class Fit:
+    """Outcome of one member's generator fit.
+
+    Attributes
+    ----------
+    estimate : torch.Tensor
+        The estimate, shape ``object_shape`` (units of the prepared observation).
+    losses : list of float
+        Total loss per iteration.
+    chi2 : float
+        Final data misfit per pixel in units of the noise variance.
+    stopped : str
+        ``discrepancy`` (χ² reached the noise level), ``plateau`` (early stopping),
+        ``iterations`` (ran them all) or ``flat`` (a constant observation, returned as
+        itself without a fit).
+    flux_factor : float
+        Factor the estimate was multiplied by to keep the observed flux (1 if not).
+    """
+
+    estimate: torch.Tensor
+    losses: list[float]
+    chi2: float
+    stopped: str
+    flux_factor: float = 1.0
+
+    @property
+    def iterations(self) -> int:
+        return len(self.losses)
+
+
+def noise_aware_weights(config: RestoreConfig, noise_level: float) -> tuple[float, float]:
+    """Hessian weight and SSIM ``k2`` for a noise level σ (see :class:`RestoreConfig`)."""
+    hessian = config.hessian_weight + config.hessian_noise_weight * noise_level**2
+    return hessian, max(0.03, config.ssim_noise_factor * noise_level)
+
+
+def learning_rate(config: RestoreConfig, iteration: int) -> float:
+    """Learning rate of 0-based ``iteration``: halved at every milestone passed."""
+    milestones = {max(1, math.floor(m * config.iterations)) for m in config.lr_milestones}
+    return config.learning_rate * 0.5 ** sum(iteration >= m for m in milestones)
+
+
+def _is_flat(y: torch.Tensor) -> bool:
+    return bool((y.amax() - y.amin()) <= 1e-7 * max(float(y.abs().amax()), 1e-30))
+
+
+def fit_generator(
+    features: torch.Tensor,
+    prepared: Prepared,
+    config: RestoreConfig,
+    callback: Callback | None = None,
+) -> Fit:
+    """Fit a freshly initialised generator to one observation.
+
+    Parameters
+    ----------
+    features : torch.Tensor
+        Generator input ``(C, *object_shape)`` from :func:`cider.restore.deconvolved_features`.
+    prepared : Prepared
+        Observation, PSF and noise model.
+    config : RestoreConfig
+        Loss weights, optimiser, schedule and stopping rule.
+    callback : callable, optional
+        Called as ``callback(iteration, loss, estimate)`` every ``config.log_every``
+        iterations (``estimate`` is the current output, detached).
+
+    Returns
+    -------
+    Fit
+        Estimate, loss history and why the fit stopped.
+
+    Raises
+    ------
+    CiderError
+        If the fit produced non-finite values (never written out silently).
+    """
+    member_callback = None
+    if callback is not None:
+
+        def member_callback(iteration: int, member: int, loss: float, estimate: torch.Tensor) -> None:
+            callback(iteration, loss, estimate)
+
+    return fit_generators([features], [prepared], config, member_callback)[0]
+
+
+@dataclass
+class _Members:
+    """Per-member tensors of the members still fitting, stacked on dimension 0."""
+
+    index: list[int]  # position of each active member in the caller's list
+    inputs: torch.Tensor  # (B, C, *object_shape)
+    targets: torch.Tensor  # (B, 1, *image_shape)
+    gain: torch.Tensor  # (B, 1, ...) noise variance per unit signal
+    floor: torch.Tensor  # (B, 1, ...) noise variance at zero signal
+    hessian: torch.Tensor  # (B,) Hessian weight
+    k2: torch.Tensor  # (B,) SSIM contrast constant
+    data: torch.Tensor  # (B,) weight of the χ² term (data_weight · σ²)
+    best: list[float]
+    since_best: list[int]
+    losses: list[list[float]]
+
+    def keep(self, rows: list[int]) -> _Members:
+        """The members at ``rows`` (positions in this batch)."""
+        pick = torch.tensor(rows, device=self.inputs.device)
+        return _Members(
+            [self.index[r] for r in rows],
+            *(t.index_select(0, pick) for t in self._tensors()),
+            [self.best[r] for r in rows],
+            [self.since_best[r] for r in rows],
+            [self.losses[r] for r in rows],
+        )
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.inputs, self.targets, self.gain, self.floor, self.hessian, self.k2, self.data
+
+
+def _members(
+    features: Sequence[torch.Tensor], prepared: Sequence[Prepared], active: list[int], config: RestoreConfig
+) -> _Members:
+    observation = prepared[active[0]].observation
+    device, dtype, ndim = observation.device, observation.dtype, observation.ndim
+    weights = [noise_aware_weights(config, prepared[i].noise_level) for i in active]
+
+    def column(values: list[float], per_pixel: bool = False) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype, device=device)
+        return t.reshape(-1, *([1] * (ndim + 1))) if per_pixel else t
+
+    return _Members(
+        index=list(active),
+        inputs=torch.stack([features[i].to(device, dtype) for i in active]),
+        targets=torch.stack([prepared[i].observation for i in active])[:, None],
+        gain=column([prepared[i].noise.gain for i in active], per_pixel=True),
+        floor=column([prepared[i].noise.floor for i in active], per_pixel=True),
+        hessian=column([w[0] for w in weights]),
+        k2=column([w[1] for w in weights]),
+        data=column([config.data_weight * prepared[i].noise_level ** 2 for i in active]),
+        best=[math.inf] * len(active),
+        since_best=[0] * len(active),
+        losses=[[] for _ in active],
+    )
+
+
+def _check_batch(prepared: Sequence[Prepared], active: list[int]) -> None:
+    first = prepared[active[0]]
+    for i in active[1:]:
+        other = prepared[i]
+        if other.observation.shape != first.observation.shape:
+            raise CiderError(
+                f"batched fit: member {i} has shape {tuple(other.observation.shape)}, member "
+                f"{active[0]} {tuple(first.observation.shape)}; a batch needs one tile shape"
+            )
+        same_psf = other.psf.shape == first.psf.shape and bool(torch.equal(other.psf, first.psf))
+        if not same_psf or other.voxel_size != first.voxel_size:
+            raise CiderError(f"batched fit: member {i} has another PSF or voxel size than member {active[0]}")
+
+
+def _chi2(blurred: torch.Tensor, members: _Members) -> torch.Tensor:
+    """χ² per pixel of every member, in units of the noise variance taken at ``Ax``."""
+    variance = members.gain * blurred.detach().clamp(min=0) + members.floor
+    return ((blurred - members.targets) ** 2 / variance).flatten(1).mean(1)
+
+
+class _Generators:
+    """B generators with the same initial weights, as stacked parameter tensors."""
+
+    def __init__(self, inputs: torch.Tensor, config: RestoreConfig, levels: list[float]):
+        torch.manual_seed(config.seed)
+        ndim, device = inputs.ndim - 2, inputs.device
+        module = Generator(ndim, GeneratorConfig(in_channels=inputs.shape[1], output=config.output))
+        replace_all_batch_norm_modules_(module)  # batch statistics only, no running buffers
+        self.module = module.to(device=device, dtype=inputs.dtype)
+        self.buffers = {k: v for k, v in self.module.named_buffers()}
+        self.params = {
+            name: p.detach()[None].repeat(len(levels), *([1] * p.ndim)).requires_grad_()
+            for name, p in self.module.named_parameters()
+        }
+        if config.output == "softplus":
+            bias = [softplus_inverse(level) for level in levels]
+            with torch.no_grad():
+                self.params["head.bias"].copy_(torch.tensor(bias)[:, None])
+        self.optimizer = torch.optim.NAdam(
+            list(self.params.values()), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self._forward = vmap(self._one, in_dims=(0, 0))
+
+    def _one(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, (params, self.buffers), (x[None],))[0]
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Outputs ``(B, 1, *object_shape)`` of the B generators for inputs ``(B, C, ...)``."""
+        if len(inputs) == 1:  # the plain module is faster than a vmap of one
+            params = {k: v[0] for k, v in self.params.items()}
+            return functional_call(self.module, (params, self.buffers), (inputs,))
+        return self._forward(self.params, inputs)
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every member but ``rows``, with its weights and optimiser state."""
+        pick = torch.tensor(rows, device=next(iter(self.params.values())).device)
+        old_state = self.optimizer.state
+        new_params = {k: p.detach().index_select(0, pick).requires_grad_() for k, p in self.params.items()}
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        optimizer = torch.optim.NAdam(list(new_params.values()), **group)
+        for name, new in new_params.items():
+            old = self.params[name]
+            optimizer.state[new] = {
+                key: value.index_select(0, pick)
+                if torch.is_tensor(value) and value.shape == old.shape
+                else value
+                for key, value in old_state[old].items()
+            }
+        self.params, self.optimizer = new_params, optimizer
+
+
+def fit_generators(
+    features: Sequence[torch.Tensor],
+    prepared: Sequence[Prepared],
+    config: RestoreConfig,
+    callback: BatchCallback | None = None,
+    labels: Sequence[str] | None = None,
+) -> list[Fit]:
+    """Fit B generators to B same-shape observations at once (B independent fits).
+
+    Parameters
+    ----------
+    features : sequence of torch.Tensor
+        Generator input of every member, ``(C, *object_shape)``.
+    prepared : sequence of Prepared
+        Observation of every member: one shape, one PSF and voxel size; each its own
+        noise model and noise level (so its own loss weights).
+    config : RestoreConfig
+        Loss weights, optimiser, schedule and stopping rule (shared).
+    callback : callable, optional
+        ``callback(iteration, member, loss, estimate)`` for every member still fitting,
+        every ``config.log_every`` iterations.
+    labels : sequence of str, optional
+        Names of the members (e.g. tile ids) for error messages.
+
+    Returns
+    -------
+    list of Fit
+        One per member, in order; equal (to float rounding) to fitting each alone.
+
+    Raises
+    ------
+    CiderError
+        If the members' shapes or PSFs differ, or a member's fit produced non-finite
+        values (the message names the member).
+    """
+    if len(features) != len(prepared) or not prepared:
+        raise CiderError(f"batched fit: {len(features)} feature arrays for {len(prepared)} observations")
+    labels = list(labels) if labels is not None else [f"member {i}" for i in range(len(prepared))]
+    fits: list[Fit | None] = [None] * len(prepared)
+    for i, p in enumerate(prepared):
+        if _is_flat(p.observation):
+            # A constant observation is the blur of the same constant: nothing to fit (and a
+            # flat target makes the SSIM gradient degenerate).
+            shape = tuple(n + k - 1 for n, k in zip(p.observation.shape, p.psf.shape))
+            value = float(p.observation.flatten()[0])
+            fits[i] = Fit(torch.full(shape, value, device=p.observation.device), [], 0.0, "flat")
+    active = [i for i, f in enumerate(fits) if f is None]
+    if not active:
+        return fits
+    _check_batch(prepared, active)
+    first = prepared[active[0]]
+    blur = BlurOperator(first.psf, first.observation.shape, boundary="valid")
+    members = _members(features, prepared, active, config)
+    levels = [float(prepared[i].observation.clamp_min(0).mean()) for i in active]
+    generators = _Generators(members.inputs, config, levels)
+    average: torch.Tensor | None = None
+    pending: list[torch.Tensor] = []
+    for iteration in range(config.iterations):
+        for group in generators.optimizer.param_groups:
+            group["lr"] = learning_rate(config, iteration)
+        generators.optimizer.zero_grad(set_to_none=True)
+        estimate = generators(members.inputs)
+        if config.average:
+            current = estimate.detach()
+            average = current.clone() if average is None else average.lerp_(current, 1 - config.average)
+        blurred = blur(estimate)
+        loss = config.ssim_weight * ssim_loss(blurred, members.targets, k2=members.k2, per_sample=True)
+        if config.data_weight:
+            loss = loss + members.data * _chi2(blurred, members)
+        if config.hessian_weight or config.hessian_noise_weight:
+            loss = loss + members.hessian * hessian_penalty(estimate, first.voxel_size, per_sample=True)
+        if config.sparsity_weight:
+            loss = loss + config.sparsity_weight * sparsity_penalty(estimate, per_sample=True)
+        loss.sum().backward()
+        generators.optimizer.step()
+        pending.append(loss.detach())
+        last = iteration == config.iterations - 1
+        if (iteration + 1) % config.log_every and not last:
+            continue
+        # One device synchronisation per ``log_every`` iterations.
+        block = torch.stack(pending).T.tolist()
+        pending.clear()
+        with torch.no_grad():
+            chi2 = _chi2(blurred, members).tolist()
+        current = average if average is not None else estimate.detach()
+        stopping: dict[int, str] = {}
+        for row, values in enumerate(block):
+            members.losses[row] += values
+            if callback is not None:
+                callback(iteration, members.index[row], values[-1], current[row, 0])
+            if not all(math.isfinite(v) for v in values):
+                raise CiderError(
+                    f"{labels[members.index[row]]}: generator fit diverged (loss {values[-1]}) at "
+                    f"iteration {iteration + 1}; lower restore.learning_rate or check the data"
+                )
+            if config.stop == "discrepancy" and chi2[row] <= config.discrepancy:
+                stopping[row] = "discrepancy"
+            elif config.early_stop_patience and _plateau(members, row, values, config):
+                stopping[row] = "plateau"
+        if last:
+            stopping = {row: stopping.get(row, "iterations") for row in range(len(members.index))}
+        if not stopping:
+            continue
+        with torch.no_grad():
+            final = average if average is not None else generators(members.inputs)
+        for row, why in stopping.items():
+            i = members.index[row]
+            fits[i] = _finish(
+                final[row, 0], blur, prepared[i], members.losses[row], chi2[row], why, config, labels[i]
+            )
+        rows = [r for r in range(len(members.index)) if r not in stopping]
+        if not rows:
+            break
+        members = members.keep(rows)
+        generators.keep(rows)
+        if average is not None:
+            average = average[rows]
+    return fits
+
+
+def _plateau(members: _Members, row: int, values: list[float], config: RestoreConfig) -> bool:
+    """Update the member's best loss with ``values``; True once it stalled for the patience."""
+    for value in values:
+        if value < members.best[row] * (1 - config.early_stop_tol):
+            members.best[row], members.since_best[row] = value, 0
+        else:
+            members.since_best[row] += 1
+    return members.since_best[row] >= config.early_stop_patience
+
+
+@torch.no_grad()
+def _finish(
+    estimate: torch.Tensor,
+    blur: BlurOperator,
+    prepared: Prepared,
+    losses: list[float],
+    chi2: float,
+    stopped: str,
+    config: RestoreConfig,
+    label: str,
+) -> Fit:
+    """Flux renormalisation and the finite check of one member's final estimate."""
+    flux_factor = 1.0
+    if config.preserve_flux:
+        observed, modelled = float(prepared.observation.sum()), float(blur(estimate).sum())
+        if observed > 0 and modelled > 0:
+            flux_factor = observed / modelled
+            estimate = estimate * flux_factor
+    if not bool(torch.isfinite(estimate).all()):
+        raise CiderError(f"{label}: generator fit produced NaN/infinite values; lower restore.learning_rate")
+    return Fit(estimate.clone(), losses, chi2, stopped, flux_factor)
