@@ -2,8 +2,8 @@
 
     python bench/dag_dryrun.py            # writes bench/results/dag_dryrun.json
 
-The input is a 6400 × 6400 Zarr array with 64-px tiles (100 × 100 = 10,000 tiles, 20,000
-per-tile jobs); only its metadata is written, so the benchmark needs no disk space.
+The input is a 6400 × 6400 Zarr array with 64-px tiles (100 × 100 = 10,000 tiles in
+1,250 fit jobs of 8); only its metadata is written, so the benchmark needs no disk space.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main() -> None:
         dry_seconds = time.perf_counter() - start
         if run.returncode:
             raise SystemExit(run.stderr[-2000:])
-    result = {"tiles": len(plan.tiles), "jobs": 2 * len(plan.tiles) + 4, "plan_seconds": round(plan_seconds, 2),
+    result = {"tiles": len(plan.tiles), "batches": len(plan.batches), "jobs": len(plan.batches) + 4, "plan_seconds": round(plan_seconds, 2),
               "dry_run_seconds": round(dry_seconds, 1), "machine": f"{platform.processor() or platform.machine()}, "
               "2 cores (shared, noisy)", "snakemake_summary": run.stdout.strip().splitlines()[-12:]}  # fmt: skip
     out = ROOT / "bench" / "results" / "dag_dryrun.json"

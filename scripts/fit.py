@@ -1,7 +1,8 @@
-"""Rule `fit`: fit the generator on one tile; write the restored padded tile and a
-metrics JSON (loss history, iterations, seconds, device). Both appear only when complete.
+"""Rule `fit`: features, RL and the batched generator fit of one batch of same-shape
+tiles; writes the restored padded tiles (one .npz per batch) and their metrics JSON
+(loss history, iterations, seconds, device). Both appear only when complete.
 
-Run alone:  python scripts/fit.py --config config/config.yaml --tile u000-t00000
+Run alone:  python scripts/fit.py --config config/config.yaml --batch b0
 """
 
 import json
@@ -9,5 +10,5 @@ import json
 from cider.workflow import run_fit, script_args
 
 config, wildcards = script_args("fit", globals())
-metrics = run_fit(config, wildcards["tile"])
-print(json.dumps({k: metrics[k] for k in ("tile", "iterations", "final_loss", "seconds", "device")}))
+record = run_fit(config, wildcards["batch"])
+print(json.dumps({k: record[k] for k in ("batch", "batch_size", "seconds", "device")}))

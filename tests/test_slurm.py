@@ -3,9 +3,10 @@
 CI starts a single-node cluster with ``.ci/slurm/start.sh`` (see the Makefile's ``test``
 target); elsewhere these tests are skipped. CI-only overrides of site settings, given on
 the command line below and nowhere else: ``--slurm-status-command squeue`` (the CI
-cluster has no accounting database, so ``sacct`` cannot work) and shorter status polling.
-Partitions (``cpu``, ``gpu``), GPU requests, retries and tile grouping come from the
-profile unchanged.
+cluster has no accounting database, so ``sacct`` cannot work), shorter status polling,
+and ``$CIDER_ALLOW_CPU=1`` (the CI cluster's "gpu" partition has no GPU; a real GPU job
+without CUDA fails at start). Partitions (``cpu``, ``gpu``), GPU requests, retries and
+batch grouping come from the profile unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from cider.workflow import FAIL_ENV
+from cider.workflow import ALLOW_CPU_ENV, FAIL_ENV
 
 from .conftest import ROOT
 from .test_workflow import _dataset
@@ -54,7 +55,10 @@ def _command(config: Path, *extra: str) -> list[str]:
 
 def _run(config: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(_command(config, *extra), capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+                          env={**os.environ, ALLOW_CPU_ENV: "1", **(env or {})})  # fmt: skip
+
+
+GROUP = "group_restore*"  # log folder of the "restore" group's SLURM jobs
 
 
 def _job_ids(folder: Path, rule: str) -> list[str]:
@@ -71,33 +75,38 @@ def test_profile_runs_through_slurm_with_gpu_groups(tmp_path):
     run = _run(config)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "has been submitted with SLURM jobid" in run.stdout + run.stderr
-    groups = _job_ids(tmp_path, "group_restore_features_fit")
-    assert len(groups) == 1, groups  # 4 tiles × (features + fit) packed into one SLURM job
+    groups = _job_ids(tmp_path, GROUP)
+    assert len(groups) == 1, groups  # 4 tiles in one batch: one fit job, one SLURM job
     info = _scontrol(groups[0])
     assert "Partition=gpu" in info and "gpu:1" in info, info
-    assert "cpu=4" in info and "mem=32000M" in info  # not 8× (the group runs its tiles in series)
+    assert "cpu=4" in info and "mem=32000M" in info  # not 4× (the group runs its batches in series)
     assert _job_ids(tmp_path, "rule_prepare") and _job_ids(tmp_path, "rule_stitch")
     assert (tmp_path / "out" / "input.ome.zarr").is_dir()
 
 
-def test_failed_tile_is_retried_then_rerun_alone(tmp_path):
+def test_failed_batch_is_retried_then_rerun_alone(tmp_path):
+    """4 tiles in batches of 2 (b0: t0, t1; b1: t2, t3); tile t1 fails, so batch b0 does."""
     clean_dir, fail_dir = tmp_path / "clean", tmp_path / "fail"
     clean_dir.mkdir(), fail_dir.mkdir()
-    clean, failing = (_dataset(d, (60, 60), 1.2, 32, iterations=15) for d in (clean_dir, fail_dir))
+    clean, failing = (
+        _dataset(d, (60, 60), 1.2, 32, iterations=15, batch_size=2) for d in (clean_dir, fail_dir)
+    )
     assert _run(clean).returncode == 0
     first = _run(failing, "--retries", "1", env={FAIL_ENV: "u000-t00001"})
     assert first.returncode != 0
     log = first.stdout + first.stderr
-    assert "Error in group restore" in log and "u000-t00001" in log
-    assert len(_job_ids(fail_dir, "group_restore_features_fit")) >= 2  # submitted, failed, retried
-    assert not (fail_dir / "out" / "work" / "tiles" / "u000-t00001.npy").exists()
-    done = {p.name: p.stat().st_mtime_ns for p in (fail_dir / "out" / "work" / "tiles").glob("*.npy")}
+    assert "Error in group restore" in log
+    assert "u000-t00001" in log + (fail_dir / "out" / "work" / "logs" / "fit" / "b0.log").read_text()
+    assert len(_job_ids(fail_dir, GROUP)) >= 2  # submitted, failed, retried
+    assert not (fail_dir / "out" / "work" / "tiles" / "b0.npz").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in (fail_dir / "out" / "work" / "tiles").glob("*.npz")}
+    assert list(done) == ["b1.npz"]
     second = _run(failing, "--rerun-incomplete")
     assert second.returncode == 0, second.stderr[-3000:]
     tiles = fail_dir / "out" / "work" / "tiles"
     assert all(
         (tiles / name).stat().st_mtime_ns == t for name, t in done.items()
-    )  # finished tiles not redone
+    )  # the finished batch is not redone
     np.testing.assert_array_equal(
         tifffile.imread(clean_dir / "out" / "input.tif"), tifffile.imread(fail_dir / "out" / "input.tif")
     )
@@ -106,7 +115,11 @@ def test_failed_tile_is_retried_then_rerun_alone(tmp_path):
 def test_scancel_of_a_running_tile_job_is_not_marked_done(tmp_path):
     config = _dataset(tmp_path, (60, 60), 1.2, 32, iterations=100)
     process = subprocess.Popen(
-        _command(config, "--retries", "0"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _command(config, "--retries", "0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, ALLOW_CPU_ENV: "1"},
     )
     job = None
     for _ in range(240):
@@ -118,18 +131,13 @@ def test_scancel_of_a_running_tile_job_is_not_marked_done(tmp_path):
             break
         time.sleep(1)
     assert job, "no tile job started running"
-    time.sleep(6)  # inside the group job (features or fit of its first tiles)
+    time.sleep(6)  # inside the group job (the fit of its one batch of 4 tiles)
     subprocess.run(["scancel", job], check=True)
     process.communicate(timeout=600)
     assert process.returncode != 0
-    tiles = tmp_path / "out" / "work" / "tiles"
-    missing = [
-        t
-        for t in ("u000-t00000", "u000-t00001", "u000-t00002", "u000-t00003")
-        if not (tiles / f"{t}.npy").exists()
-    ]
-    assert missing, "the cancelled job's tiles must not look finished"
+    tiles = tmp_path / "out" / "work" / "tiles" / "b0.npz"
+    assert not tiles.exists(), "the cancelled job's tiles must not look finished"
     second = _run(config, "--rerun-incomplete")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert all((tiles / f"{t}.npy").exists() for t in missing)
+    assert sorted(np.load(tiles).files) == ["u000-t00000", "u000-t00001", "u000-t00002", "u000-t00003"]
     assert (tmp_path / "out" / "input.ome.zarr").is_dir()

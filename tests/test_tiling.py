@@ -67,3 +67,18 @@ def test_rl_tiled_equals_whole_image_away_from_border():
     inner = (slice(30, -30), slice(30, -30))
     error = np.abs(tiled - whole)[inner].max() / whole[inner].max()
     assert error < 1e-3, f"max relative difference {error:.2e}"
+
+
+@pytest.mark.parametrize("shape", [(70, 90), (12, 36, 37), (40, 41)])
+def test_uniform_grid_has_one_padded_shape_and_stitches_exactly(shape):
+    """Border windows shifted inward: one tile shape per image, cores and blending unchanged."""
+    ndim = len(shape)
+    plain = tile_grid(shape, (32,) * ndim, (5,) * ndim)
+    uniform = tile_grid(shape, (32,) * ndim, (5,) * ndim, uniform=True)
+    assert len({t.padded_shape for t in uniform}) == 1
+    assert [t.core for t in uniform] == [t.core for t in plain]
+    for tile, reference in zip(uniform, plain):
+        assert all(a <= ra and b >= rb for (a, b), (ra, rb) in zip(tile.padded, reference.padded))
+    image = np.random.default_rng(0).random(shape)
+    out = stitch(uniform, lambda t: image[t.slices()], shape, (3,) * ndim, dtype=np.float64)
+    np.testing.assert_allclose(out, image, atol=1e-12)

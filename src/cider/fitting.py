@@ -18,6 +18,7 @@ activations; running statistics are not used by the fit and are not kept).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -304,6 +305,8 @@ def fit_generators(
         return fits
     _check_batch(prepared, active)
     first = prepared[active[0]]
+    if first.observation.device.type == "cuda":
+        _configure_cuda(config.deterministic)
     blur = BlurOperator(first.psf, first.observation.shape, boundary="valid")
     members = _members(features, prepared, active, config)
     levels = [float(prepared[i].observation.clamp_min(0).mean()) for i in active]
@@ -371,6 +374,15 @@ def fit_generators(
         if average is not None:
             average = average[rows]
     return fits
+
+
+def _configure_cuda(deterministic: bool) -> None:
+    """Fastest cuDNN kernels, or deterministic ones only (``RestoreConfig.deterministic``)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def _plateau(members: _Members, row: int, values: list[float], config: RestoreConfig) -> bool:

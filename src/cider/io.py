@@ -103,6 +103,22 @@ def atomic_write_npy(path: str | Path, array: np.ndarray) -> None:
     write_image(path, array)
 
 
+def atomic_write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save named arrays to ``path`` (.npz, uncompressed); the file appears only when complete.
+
+    Raises ``ValueError`` (naming the array) if one holds NaN or infinite values.
+    """
+    path = Path(path)
+    for name, array in arrays.items():
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{path}: refusing to write {name}, it holds NaN/infinite values")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp.npz") as f:
+        np.savez(f, **arrays)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
 def atomic_write_json(path: str | Path, data: dict) -> None:
     """Write strict JSON to ``path`` atomically (temporary file, then rename).
 

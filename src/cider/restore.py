@@ -127,6 +127,12 @@ class RestoreConfig:
         ``scale`` given to :func:`prepare`; zero stays zero.
     device : str
         ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    deterministic : bool
+        On CUDA, use deterministic kernels only (``torch.use_deterministic_algorithms``,
+        no cuDNN autotuning): bit-identical reruns on the same GPU and software, at some
+        speed. Off: cuDNN picks the fastest kernels (``cudnn.benchmark``), and reruns may
+        differ by float rounding (the fit amplifies it to ~1e-3 relative; see
+        ``tests/test_batched_fit.py``). CPU runs are deterministic either way.
     seed : int
         Seed of the generator's initial weights and of the noise input.
     early_stop_patience : int
@@ -162,6 +168,7 @@ class RestoreConfig:
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     normalize: bool = True
     device: str = "auto"
+    deterministic: bool = False
     seed: int = 0
     early_stop_patience: int = 0
     early_stop_tol: float = 1e-4
@@ -257,12 +264,34 @@ class Result:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` → CUDA if available, else CPU; other names are checked."""
+    """``"auto"`` → CUDA if available, else CPU; other names are checked.
+
+    Raises
+    ------
+    CiderError
+        For a name torch does not know, or a CUDA device that is not usable (saying
+        which torch build is installed), so a GPU job never runs silently on the CPU.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CiderError(f"device {name!r} requested but CUDA is not available; use device 'auto' or 'cpu'")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CiderError(
+            f"device {name!r} is not a device name ({err}); use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise CiderError(
+                f"device {name!r} requested but CUDA is not usable here (torch {torch.__version__}, "
+                f"{build}, {torch.cuda.device_count()} device(s) visible); install the CUDA build "
+                "of torch on the GPU nodes, check the job got a GPU, or use device 'auto'/'cpu'"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CiderError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise CiderError(f"device {name!r}: only 'auto', 'cpu', 'cuda' and 'cuda:N' are supported")
     return device
 
 

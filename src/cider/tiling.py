@@ -81,7 +81,13 @@ def _axis_bounds(n: int, tile: int) -> list[int]:
     return [round(i * n / count) for i in range(count + 1)]
 
 
-def tile_grid(shape: Sequence[int], tile: Sequence[int], margin: Sequence[int], unit: int = 0) -> list[Tile]:
+def tile_grid(
+    shape: Sequence[int],
+    tile: Sequence[int],
+    margin: Sequence[int],
+    unit: int = 0,
+    uniform: bool = False,
+) -> list[Tile]:
     """Cut an image of ``shape`` into tiles of at most ``tile`` (cores of near-equal size).
 
     Parameters
@@ -94,6 +100,12 @@ def tile_grid(shape: Sequence[int], tile: Sequence[int], margin: Sequence[int], 
         Padding per axis added to each core (clipped at the image border).
     unit : int
         Image index, part of the tile id.
+    uniform : bool
+        Give every padded window of the image one shape (the largest core plus both
+        margins, at most the image): windows clipped by the image border are shifted
+        inward instead, so the tile sees more of the image. Same-shape tiles can be
+        fitted in one batch (:func:`cider.fitting.fit_generators`); the cores and the
+        blending are unchanged.
 
     Returns
     -------
@@ -109,10 +121,15 @@ def tile_grid(shape: Sequence[int], tile: Sequence[int], margin: Sequence[int], 
             f"tile_grid: tile sizes must be ≥ 1 and margins ≥ 0, got {tuple(tile)}, {tuple(margin)}"
         )
     bounds = [_axis_bounds(n, t) for n, t in zip(shape, tile)]
+    size = [min(n, max(np.diff(b)) + 2 * m) for b, m, n in zip(bounds, margin, shape)]
     tiles = []
     for flat, index in enumerate(np.ndindex(*[len(b) - 1 for b in bounds])):
         core = tuple((b[i], b[i + 1]) for b, i in zip(bounds, index))
-        padded = tuple((max(0, a - m), min(n, b + m)) for (a, b), m, n in zip(core, margin, shape))
+        if uniform:
+            starts = [min(max(0, a - m), n - w) for (a, _), m, n, w in zip(core, margin, shape, size)]
+            padded = tuple((int(a), int(a + w)) for a, w in zip(starts, size))
+        else:
+            padded = tuple((max(0, a - m), min(n, b + m)) for (a, b), m, n in zip(core, margin, shape))
         tiles.append(Tile(f"{unit_name(unit)}-t{flat:05d}", unit, tuple(int(i) for i in index), core, padded))
     return tiles
 

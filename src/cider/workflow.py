@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -30,7 +31,8 @@ from .psf import clean_psf, gaussian_psf, lightsheet_psf, widefield_psf
 from .tiling import Tile, minimum_margin, stitch, tile_grid, unit_name
 
 SCHEMA = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-FAIL_ENV = "CIDER_FAIL_TILES"  # comma-separated tile ids whose fit raises (fault-injection for tests)
+ALLOW_CPU_ENV = "CIDER_ALLOW_CPU"  # "1": a job given a GPU may still run on CPU (test clusters)
+FAIL_ENV = "CIDER_FAIL_TILES"  # comma-separated tile ids whose batch fails (fault injection for tests)
 
 
 # ----------------------------------------------------------------------------- config
@@ -100,14 +102,13 @@ class Paths:
     def intensity(self, unit: str) -> Path:
         return self.work / "background" / f"{unit}.json"
 
-    def features(self, tile: str) -> Path:
-        return self.work / "features" / f"{tile}.npy"
+    def tiles(self, batch: str) -> Path:
+        """Restored padded tiles of one batch, one array per tile id."""
+        return self.work / "tiles" / f"{batch}.npz"
 
-    def tile(self, tile: str) -> Path:
-        return self.work / "tiles" / f"{tile}.npy"
-
-    def metrics(self, tile: str) -> Path:
-        return self.work / "metrics" / f"{tile}.json"
+    def metrics(self, batch: str) -> Path:
+        """Fit metrics of one batch's tiles."""
+        return self.work / "metrics" / f"{batch}.json"
 
     def image(self, name: str) -> Path:
         return self.output / f"{name}.ome.zarr"
@@ -137,11 +138,20 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class Batch:
+    """Same-shape tiles fitted together by one ``fit`` job (``fit.batch_size`` at most)."""
+
+    id: str
+    tiles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the DAG needs, derived from the config and the inputs' shapes."""
 
     units: tuple[Unit, ...]
     tiles: tuple[Tile, ...]
+    batches: tuple[Batch, ...]
     names: tuple[str, ...]
     psf_shape: tuple[int, ...]
     margin: tuple[int, ...]
@@ -150,15 +160,48 @@ class Plan:
     def tile(self, tile_id: str) -> Tile:
         return self._tiles_by_id[tile_id]
 
+    def batch(self, batch_id: str) -> Batch:
+        return self._batches_by_id[batch_id]
+
+    def batch_of(self, tile_id: str) -> str:
+        """Id of the batch that fits tile ``tile_id``."""
+        return self._batch_of_tile[tile_id]
+
     @cached_property
     def _tiles_by_id(self) -> dict[str, Tile]:
         return {t.id: t for t in self.tiles}
+
+    @cached_property
+    def _batches_by_id(self) -> dict[str, Batch]:
+        return {b.id: b for b in self.batches}
+
+    @cached_property
+    def _batch_of_tile(self) -> dict[str, str]:
+        return {t: b.id for b in self.batches for t in b.tiles}
 
     def tiles_of(self, unit_id: str) -> list[Tile]:
         return [t for t in self.tiles if t.unit_id == unit_id]
 
     def units_of(self, name: str) -> list[Unit]:
         return [u for u in self.units if u.name == name]
+
+    def batches_of(self, name: str) -> list[str]:
+        """Ids of the batches holding tiles of input ``name`` (in plan order)."""
+        units = {u.id for u in self.units_of(name)}
+        return list(dict.fromkeys(self.batch_of(t.id) for t in self.tiles if t.unit_id in units))
+
+
+def make_batches(tiles: Sequence[Tile], batch_size: int) -> tuple[Batch, ...]:
+    """Group tiles of one padded shape, in plan order, into batches of ``batch_size``.
+
+    Tiles of one image all have one shape (``tile_grid(..., uniform=True)``); images of
+    the same shape share batches too.
+    """
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for tile in tiles:
+        by_shape.setdefault(tile.padded_shape, []).append(tile.id)
+    groups = [ids[i : i + batch_size] for ids in by_shape.values() for i in range(0, len(ids), batch_size)]
+    return tuple(Batch(f"b{number}", tuple(ids)) for number, ids in enumerate(groups))
 
 
 def input_files(config: dict) -> list[str]:
@@ -304,14 +347,19 @@ def _cached_plan(config_json: str) -> Plan:
     for u in units:
         if any(k > n for k, n in zip(psf_shape, u.shape)):
             raise CiderError(f"{u.file}: image shape {u.shape} is smaller than the PSF {psf_shape}")
-    tiles = [t for number, u in enumerate(units) for t in tile_grid(u.shape, tile_size, margin, unit=number)]
+    tiles = [
+        t
+        for number, u in enumerate(units)
+        for t in tile_grid(u.shape, tile_size, margin, unit=number, uniform=True)
+    ]
     small = [t.id for t in tiles if any(n < k for n, k in zip(t.padded_shape, psf_shape))]
     if small:
         raise CiderError(
             f"tiles {small[:3]} are smaller than the PSF {psf_shape}; increase 'tiling.tile_size'"
         )
     names = tuple(dict.fromkeys(u.name for u in units))
-    return Plan(tuple(units), tuple(tiles), names, tuple(psf_shape), tuple(margin), tuple(blend))
+    batches = make_batches(tiles, config["fit"]["batch_size"])
+    return Plan(tuple(units), tuple(tiles), batches, names, tuple(psf_shape), tuple(margin), tuple(blend))
 
 
 def _per_axis(value, ndim: int, key: str) -> tuple[int, ...]:
@@ -436,64 +484,114 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     return prepared, rcfg, intensity
 
 
-def run_features(config: dict, tile_id: str) -> None:
-    """Features + RL of one padded tile → ``features/{tile}.npy``."""
+def _tile_input(config: dict, tile: Tile):
+    """Prepared observation and generator input (features + RL) of one tile."""
     from .restore import deconvolved_features
 
-    tile = make_plan(config).tile(tile_id)
     prepared, rcfg, intensity = _prepared_tile(config, tile)
     value_range = (
         (intensity["feature_low"], intensity["feature_high"]) if "feature_low" in intensity else None
     )
-    features = deconvolved_features(prepared, rcfg, value_range)
-    io.atomic_write_npy(paths(config).features(tile_id), features.cpu().numpy().astype(np.float32))
+    return prepared, deconvolved_features(prepared, rcfg, value_range), rcfg
 
 
-def run_fit(config: dict, tile_id: str) -> dict:
-    """Generator fit of one tile → restored padded tile (``tiles/``) and metrics JSON."""
+def run_fit(config: dict, batch_id: str) -> dict:
+    """Features, RL and the batched generator fit of one batch of same-shape tiles.
+
+    Writes the restored padded tiles (``tiles/{batch}.npz``, one array per tile id) and
+    their metrics (``metrics/{batch}.json``). The features cost ~1 % of the fit and are
+    deterministic, so they are computed here instead of round-tripping through disk.
+    """
     import torch
 
-    from .restore import fit_generator, to_data_units
+    from .fitting import fit_generators
+    from .restore import resolve_device, to_data_units
 
-    if tile_id in os.environ.get(FAIL_ENV, "").split(","):
-        raise RuntimeError(f"tile {tile_id}: failure injected through ${FAIL_ENV} (testing hook)")
+    plan, p = make_plan(config), paths(config)
+    batch = plan.batch(batch_id)
+    resolve_device(config["restore"]["device"])  # fail at start, not after the features
+    failing = set(batch.tiles) & set(os.environ.get(FAIL_ENV, "").split(","))
+    if failing:
+        raise RuntimeError(f"tile {sorted(failing)[0]}: failure injected through ${FAIL_ENV} (testing hook)")
     start = time.perf_counter()
-    tile, p = make_plan(config).tile(tile_id), paths(config)
-    prepared, rcfg, _ = _prepared_tile(config, tile)
-    features = torch.from_numpy(np.load(p.features(tile_id))).to(prepared.observation.device)
-    fit = fit_generator(features, prepared, rcfg)
-    restored = to_data_units(fit.estimate, prepared)
-    losses = fit.losses
-    metrics = {
-        "tile": tile_id,
-        "unit": tile.unit_id,
-        "padded": [list(w) for w in tile.padded],
-        "iterations": len(losses),
-        "final_loss": losses[-1] if losses else None,
-        "chi2": fit.chi2 if math.isfinite(fit.chi2) else None,
-        "stopped": fit.stopped,
-        "flux_factor": fit.flux_factor,
-        "loss_history": losses[:: max(1, len(losses) // 200)],
-        "seconds": round(time.perf_counter() - start, 2),
-        "device": str(prepared.observation.device),
+    tiles = [plan.tile(t) for t in batch.tiles]
+    inputs = [_tile_input(config, tile) for tile in tiles]
+    rcfg = inputs[0][2]
+    prepared = [i[0] for i in inputs]
+    fits = fit_generators([i[1] for i in inputs], prepared, rcfg, labels=[f"tile {t}" for t in batch.tiles])
+    seconds = round(time.perf_counter() - start, 2)
+    device = prepared[0].observation.device
+    restored, records = {}, []
+    for tile, fit, prep in zip(tiles, fits, prepared):
+        restored[tile.id] = to_data_units(fit.estimate, prep)
+        losses = fit.losses
+        records.append(
+            {
+                "tile": tile.id,
+                "batch": batch_id,
+                "unit": tile.unit_id,
+                "padded": [list(w) for w in tile.padded],
+                "iterations": len(losses),
+                "final_loss": losses[-1] if losses else None,
+                "chi2": fit.chi2 if math.isfinite(fit.chi2) else None,
+                "stopped": fit.stopped,
+                "flux_factor": fit.flux_factor,
+                "loss_history": losses[:: max(1, len(losses) // 200)],
+                "seconds": round(seconds / len(tiles), 2),
+                "device": str(device),
+            }
+        )
+    batch_record = {
+        "batch": batch_id,
+        "tiles": records,
+        "batch_size": len(tiles),
+        "seconds": seconds,
+        "device": str(device),
     }
-    if torch.cuda.is_available() and prepared.observation.device.type == "cuda":
-        metrics["device_name"] = torch.cuda.get_device_name(prepared.observation.device)
-    io.atomic_write_npy(p.tile(tile_id), restored)
-    io.atomic_write_json(p.metrics(tile_id), metrics)
-    return metrics
+    if torch.cuda.is_available() and device.type == "cuda":
+        batch_record["device_name"] = torch.cuda.get_device_name(device)
+        for record in records:
+            record["device_name"] = batch_record["device_name"]
+    io.atomic_write_npz(p.tiles(batch_id), restored)
+    io.atomic_write_json(p.metrics(batch_id), batch_record)
+    return batch_record
+
+
+class TileReader:
+    """Reads restored tiles from the batch files (each file opened once)."""
+
+    def __init__(self, config: dict):
+        self.plan, self.paths = make_plan(config), paths(config)
+        self.files: dict[str, np.lib.npyio.NpzFile] = {}
+
+    def __call__(self, tile: Tile) -> np.ndarray:
+        batch = self.plan.batch_of(tile.id)
+        if batch not in self.files:
+            self.files[batch] = np.load(self.paths.tiles(batch))
+        return self.files[batch][tile.id]
+
+
+def tile_metrics(config: dict) -> list[dict]:
+    """Fit metrics of every tile, in plan order."""
+    plan, p = make_plan(config), paths(config)
+    by_tile = {}
+    for batch in plan.batches:
+        for record in json.loads(p.metrics(batch.id).read_text())["tiles"]:
+            by_tile[record["tile"]] = record
+    return [by_tile[t.id] for t in plan.tiles]
 
 
 def run_stitch(config: dict, name: str) -> None:
     """Blend all tiles of the units of input ``name`` into OME-Zarr (and TIFF)."""
     plan, p = make_plan(config), paths(config)
     units = plan.units_of(name)
+    read_tile = TileReader(config)
     axes = config["input"]["axes"].upper()
     outer_axes = [a for a in axes if a in "TC"]
     images = []
     for unit in units:
         tiles = plan.tiles_of(unit.id)
-        images.append(stitch(tiles, lambda t: np.load(p.tile(t.id)), unit.shape, plan.blend))
+        images.append(stitch(tiles, read_tile, unit.shape, plan.blend))
     outer_shape = [max(u.index[i] for u in units) + 1 for i in range(len(outer_axes))]
     result = np.stack(images).reshape(*outer_shape, *units[0].shape)
     result_axes = "".join(outer_axes) + "".join(a for a in axes if a in "ZYX")
@@ -539,11 +637,12 @@ def run_report(config: dict) -> dict:
     plan, p = make_plan(config), paths(config)
     folder = p.report().parent
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = [json.loads(p.metrics(t.id).read_text()) for t in plan.tiles]
+    metrics = tile_metrics(config)
+    read_tile = TileReader(config)
     units = []
     for unit in plan.units:
         before = np.asarray(_unit_array(config, unit.id)[...])
-        after = stitch(plan.tiles_of(unit.id), lambda t: np.load(p.tile(t.id)), unit.shape, plan.blend)
+        after = stitch(plan.tiles_of(unit.id), read_tile, unit.shape, plan.blend)
         for kind, image in (("before", before), ("after", after)):
             io.write_image(folder / f"{unit.id}_{kind}.png", _preview(image))
         units.append({"unit": unit.id, "name": unit.name, "index": list(unit.index), "shape": list(unit.shape),
@@ -585,7 +684,7 @@ def script_args(rule: str, namespace: dict) -> tuple[dict, dict]:
 
     Under Snakemake (``script:``) the ``snakemake`` object supplies the validated config
     and wildcards, and stdout/stderr go to the rule's log. Run alone, the script takes
-    ``--config FILE`` and ``--tile``/``--unit``/``--name``.
+    ``--config FILE`` and ``--batch``/``--unit``/``--name``.
     """
     smk = namespace.get("snakemake")
     if smk is not None:
@@ -595,18 +694,33 @@ def script_args(rule: str, namespace: dict) -> tuple[dict, dict]:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
         _set_threads(smk.threads)
-        return validate_config(dict(smk.config)), dict(smk.wildcards)
+        config = validate_config(dict(smk.config))
+        return require_gpu(config, int(getattr(smk.resources, "gpu", 0) or 0)), dict(smk.wildcards)
     import argparse
 
     parser = argparse.ArgumentParser(description=f"run the '{rule}' rule of the cider workflow alone")
     parser.add_argument("--config", default="config/config.yaml", help="dataset config (YAML)")
-    for key in ("tile", "unit", "name"):
+    for key in ("batch", "unit", "name"):
         parser.add_argument(f"--{key}", help=f"the rule's {key} wildcard")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     _set_threads(args.threads)
-    wildcards = {k: getattr(args, k) for k in ("tile", "unit", "name") if getattr(args, k)}
+    wildcards = {k: getattr(args, k) for k in ("batch", "unit", "name") if getattr(args, k)}
     return load_config(args.config), wildcards
+
+
+def require_gpu(config: dict, gpus: int) -> dict:
+    """A job its profile gave a GPU runs on CUDA or fails at start, never silently on CPU.
+
+    With ``restore.device: auto`` and ``gpus > 0`` the device becomes ``cuda``, so a node
+    without a usable CUDA (wrong torch build, driver, no device) fails the job at once with
+    :func:`cider.restore.resolve_device`'s message. ``$CIDER_ALLOW_CPU=1`` lets such a job
+    run on CPU (test clusters whose "GPU" partition has none).
+    """
+    if gpus > 0 and config["restore"]["device"] == "auto" and os.environ.get(ALLOW_CPU_ENV) != "1":
+        config = deepcopy(config)
+        config["restore"]["device"] = "cuda"
+    return config
 
 
 def _set_threads(threads: int) -> None:

@@ -7,32 +7,30 @@ config.update(validate_config(config))
 PLAN = make_plan(config)
 PATHS = paths(config)
 LOGS = PATHS.work / "logs"
-TILES = [t.id for t in PLAN.tiles]
+BATCHES = [b.id for b in PLAN.batches]
 ENV = "../../envs/cider.yaml"
 
 
 wildcard_constraints:
-    tile=r"u\d{3}-t\d{5}",
+    batch=r"b\d+",
     unit=r"u\d{3}",
     name=r"[^/]+",
 
 
-def unit_of_tile(wildcards):
-    """Intensity range (and background) of the unit a tile belongs to."""
-    unit = PLAN.tile(wildcards.tile).unit_id
-    files = [str(PATHS.intensity(unit))]
+def units_of_batch(wildcards):
+    """Intensity range (and background) of the units whose tiles are in the batch."""
+    units = dict.fromkeys(
+        PLAN.tile(t).unit_id for t in PLAN.batch(wildcards.batch).tiles
+    )
+    files = [str(PATHS.intensity(unit)) for unit in units]
     if config["background"]["enabled"]:
-        files.append(str(PATHS.background(unit)))
+        files += [str(PATHS.background(unit)) for unit in units]
     return files
 
 
-def tiles_of_name(wildcards):
-    """Restored tiles of every unit (time point, channel) of one input file."""
-    return [
-        str(PATHS.tile(t.id))
-        for u in PLAN.units_of(wildcards.name)
-        for t in PLAN.tiles_of(u.id)
-    ]
+def batches_of_name(wildcards):
+    """Restored tiles of every unit (time point, channel) of one input file, by batch."""
+    return [str(PATHS.tiles(b)) for b in PLAN.batches_of(wildcards.name)]
 
 
 def background_outputs():

@@ -1,14 +1,15 @@
-# The GPU step. GPU, runtime, memory, retries and how many tiles share one cluster job
-# (group-components for group "restore") are set in profiles/*/config.yaml.
+# The GPU step: features, RL and the batched generator fit of one batch of same-shape
+# tiles (fit.batch_size). GPU, runtime, memory, retries and how many batches share one
+# cluster job (group-components for group "restore") are set in profiles/*/config.yaml.
 rule fit:
     input:
-        str(PATHS.features("{tile}")),
-        unit_of_tile,
+        str(PATHS.prepared()),
+        units_of_batch,
     output:
-        tile=str(PATHS.tile("{tile}")),
-        metrics=str(PATHS.metrics("{tile}")),
+        tiles=str(PATHS.tiles("{batch}")),
+        metrics=str(PATHS.metrics("{batch}")),
     log:
-        str(LOGS / "fit" / "{tile}.log"),
+        str(LOGS / "fit" / "{batch}.log"),
     group:
         "restore"
     conda:

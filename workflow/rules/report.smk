@@ -1,7 +1,7 @@
 rule report:
     input:
         images=[str(PATHS.image(name)) for name in PLAN.names],
-        metrics=[str(PATHS.metrics(tile)) for tile in TILES],
+        metrics=[str(PATHS.metrics(batch)) for batch in BATCHES],
     output:
         html=str(PATHS.report()),
     log:

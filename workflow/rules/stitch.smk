@@ -1,6 +1,6 @@
 rule stitch:
     input:
-        tiles_of_name,
+        batches_of_name,
     output:
         **stitch_outputs(),
     log:
