@@ -23,7 +23,7 @@ lint: install
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/ruff format --check src tests bench scripts
 	$(BIN)/snakefmt --check Snakefile workflow
-	$(BIN)/snakemake --lint
+	$(BIN)/snakemake --lint --configfile config/config.yaml
 
 # In CI (CI=true, root, Debian) a single-node SLURM cluster is started for the `slurm`
 # tests; elsewhere they are skipped with the reason.

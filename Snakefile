@@ -1,10 +1,9 @@
 # cider-pipeline: restore a large microscopy acquisition tile by tile with CiDeR.
 # Run:  snakemake --profile profiles/local                 (demo, this machine)
 #       snakemake --profile profiles/slurm --configfile config/datasets/X.yaml
+# A dataset config stands alone (schema defaults fill what it omits); the demo config is
+# the local profile's default configfile, never merged under a dataset's.
 # The rules live in workflow/rules; every rule script in scripts/ can run alone.
-
-
-configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -18,4 +17,10 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
+        images=[str(PATHS.image(name)) for name in PLAN.names],
+        tiffs=(
+            [str(PATHS.tiff(name)) for name in PLAN.names]
+            if config["stitch"]["tiff"]
+            else []
+        ),
         report=str(PATHS.report()),

@@ -88,3 +88,17 @@ def test_batch_refuses_members_of_different_shapes_or_psfs():
     other_psf = replace(a[1], psf=torch.roll(a[1].psf, 1, 0))
     with pytest.raises(CiderError, match="another PSF"):
         fit_generators([a[0], a[0]], [a[1], other_psf], config)
+
+
+def test_members_beyond_the_cpu_batch_size_are_fitted_in_chunks(monkeypatch):
+    """On CPU a large batch is split into chunks (faster there); still B independent fits."""
+    import cider.fitting
+
+    config = RestoreConfig(iterations=6, log_every=3, device="cpu")
+    members = _float64_members([(24, 24)] * 3, gaussian_psf(1.0), config)
+    voxels = members[0][0][0].numel()
+    members += members[:2]  # 5 members: a chunk of 4, then one alone
+    monkeypatch.setattr(cider.fitting, "CPU_BATCH_VOXELS", 4 * voxels)
+    fits = fit_generators([f for f, _ in members], [p for _, p in members], config)
+    for fit, (features, prepared) in zip(fits, members):
+        _assert_same(fit, fit_generator(features, prepared, config))

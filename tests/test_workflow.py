@@ -176,8 +176,25 @@ def test_a_job_given_a_gpu_requires_cuda(monkeypatch):
         resolve_device("gpu0")
 
 
+def test_a_dataset_config_stands_alone(tmp_path):
+    """Keys a dataset config omits take the schema defaults, not the demo config's values."""
+    config = yaml.safe_load(_dataset(tmp_path, (200, 200), 1.0, 64).read_text())
+    del config["tiling"], config["fit"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = _snakemake(tmp_path / "config.yaml", "-n")
+    assert run.returncode == 0, run.stderr[-2000:]
+    # schema default tile_size 128: 2 × 2 tiles in one batch (the demo's 64 would give 16 tiles)
+    stats = [line.split() for line in run.stdout.splitlines() if line.strip().startswith("fit ")]
+    assert stats and stats[0][1] == "1", run.stdout
+    command = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-n", "--directory", str(tmp_path)]
+    alone = subprocess.run(command, capture_output=True, text=True)
+    assert alone.returncode != 0 and "no config: give --configfile" in alone.stdout + alone.stderr
+
+
 def test_lint_and_format_are_clean():
-    lint = subprocess.run([*SNAKEMAKE, "--lint"], cwd=ROOT, capture_output=True, text=True)
+    lint = subprocess.run(
+        [*SNAKEMAKE, "--lint", "--configfile", "config/config.yaml"], cwd=ROOT, capture_output=True, text=True
+    )
     assert "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
     fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow"], cwd=ROOT,
                          capture_output=True, text=True)  # fmt: skip
@@ -203,6 +220,12 @@ def test_end_to_end_2d(tmp_path):
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
     assert summary["tiles"] == 6 and summary["units"][0]["seam_ratio"] < 1.5
     assert "report:" in run.stdout + run.stderr or (tmp_path / "out" / "report" / "index.html").exists()
+    # a lost final output is rebuilt by the same command (rule all asks for every output)
+    (tmp_path / "out" / "input.tif").unlink()
+    again = _snakemake(config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "input.tif"), restored)
+    assert not [line for line in again.stderr.splitlines() if line.strip().startswith("fit ")]
 
 
 @pytest.mark.slow

@@ -1,7 +1,12 @@
 # Validates the config, computes the tile plan from the inputs' shapes (the DAG is known
 # before anything runs) and defines the helpers the other rules use.
+from cider.errors import CiderError
 from cider.workflow import make_plan, paths, validate_config
 
+if not config:
+    raise CiderError(
+        "no config: give --configfile config/datasets/X.yaml (the demo: --profile profiles/local)"
+    )
 config.update(validate_config(config))
 
 PLAN = make_plan(config)
