@@ -1,0 +1,59 @@
+"""Dataset config: schema validation with defaults filled in, naming the key at fault."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from ..errors import CiderError
+
+SCHEMA = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _fill_defaults(schema: dict, data: dict) -> dict:
+    for key, sub in schema.get("properties", {}).items():
+        if key not in data and "default" in sub:
+            data[key] = deepcopy(sub["default"])
+        if isinstance(data.get(key), dict) and sub.get("type") == "object":
+            _fill_defaults(sub, data[key])
+    return data
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Validate ``config`` against the schema, fill defaults, and return it.
+
+    Raises
+    ------
+    CiderError
+        Naming the key (dotted path), the value and the rule it broke.
+    """
+    import jsonschema
+
+    schema = _schema()
+    config = _fill_defaults(schema, deepcopy(dict(config)))
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        lines = []
+        for err in errors:
+            key = ".".join(str(p) for p in err.path) or "(top level)"
+            lines.append(f"  key '{key}': {err.message}")
+        raise CiderError(
+            f"{source}: invalid configuration\n" + "\n".join(lines) + "\nsee config/README.md for every key"
+        )
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config file and validate it (see :func:`validate_config`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file {path}")
+    return validate_config(yaml.safe_load(path.read_text()) or {}, source=str(path))

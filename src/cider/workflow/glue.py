@@ -1,0 +1,64 @@
+"""Script glue: config and wildcards for a rule script, under Snakemake or from the shell."""
+
+from __future__ import annotations
+
+import os
+from copy import deepcopy
+from pathlib import Path
+
+from .config import load_config, validate_config
+
+ALLOW_CPU_ENV = "CIDER_ALLOW_CPU"  # "1": a job given a GPU may still run on CPU (test clusters)
+
+
+def script_args(rule: str, namespace: dict) -> tuple[dict, dict]:
+    """Config and wildcards for a rule script, from Snakemake or from the command line.
+
+    Under Snakemake (``script:``) the ``snakemake`` object supplies the validated config
+    and wildcards, and stdout/stderr go to the rule's log. Run alone, the script takes
+    ``--config FILE`` and ``--batch``/``--unit``/``--name``.
+    """
+    smk = namespace.get("snakemake")
+    if smk is not None:
+        if smk.log:
+            Path(smk.log[0]).parent.mkdir(parents=True, exist_ok=True)
+            log = open(smk.log[0], "w")  # noqa: SIM115 (kept open for the job's lifetime)
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        _set_threads(smk.threads)
+        config = validate_config(dict(smk.config))
+        return require_gpu(config, int(getattr(smk.resources, "gpu", 0) or 0)), dict(smk.wildcards)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"run the '{rule}' rule of the cider workflow alone")
+    parser.add_argument("--config", default="config/config.yaml", help="dataset config (YAML)")
+    for key in ("batch", "unit", "name"):
+        parser.add_argument(f"--{key}", help=f"the rule's {key} wildcard")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    _set_threads(args.threads)
+    wildcards = {k: getattr(args, k) for k in ("batch", "unit", "name") if getattr(args, k)}
+    return load_config(args.config), wildcards
+
+
+def require_gpu(config: dict, gpus: int) -> dict:
+    """A job its profile gave a GPU runs on CUDA or fails at start, never silently on CPU.
+
+    With ``restore.device: auto`` and ``gpus > 0`` the device becomes ``cuda``, so a node
+    without a usable CUDA (wrong torch build, driver, no device) fails the job at once with
+    :func:`cider.restore.resolve_device`'s message. ``$CIDER_ALLOW_CPU=1`` lets such a job
+    run on CPU (test clusters whose "GPU" partition has none).
+    """
+    if gpus > 0 and config["restore"]["device"] == "auto" and os.environ.get(ALLOW_CPU_ENV) != "1":
+        config = deepcopy(config)
+        config["restore"]["device"] = "cuda"
+    return config
+
+
+def _set_threads(threads: int) -> None:
+    """Use the rule's threads, but never more than the CPUs this process may run on
+    (a node that over-reports CPUs would otherwise make torch oversubscribe them)."""
+    import torch
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(int(threads), available)))

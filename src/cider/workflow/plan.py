@@ -1,0 +1,312 @@
+"""Where a run's files live and the tile plan: units, tiles, batches (from the inputs' shapes)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .. import io
+from ..errors import CiderError
+from ..psf import clean_psf, gaussian_psf, lightsheet_psf, widefield_psf
+from ..tiling import Tile, minimum_margin, tile_grid, unit_name
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every file of a run lives."""
+
+    output: Path
+    work: Path
+
+    def input_zarr(self) -> Path:
+        return self.work / "input.zarr"
+
+    def prepared(self) -> Path:
+        return self.work / "prepared.json"
+
+    def background(self, unit: str) -> Path:
+        return self.work / "background" / f"{unit}.npy"
+
+    def intensity(self, unit: str) -> Path:
+        return self.work / "background" / f"{unit}.json"
+
+    def tiles(self, batch: str) -> Path:
+        """Restored padded tiles of one batch, one array per tile id."""
+        return self.work / "tiles" / f"{batch}.npz"
+
+    def metrics(self, batch: str) -> Path:
+        """Fit metrics of one batch's tiles."""
+        return self.work / "metrics" / f"{batch}.json"
+
+    def image(self, name: str) -> Path:
+        return self.output / f"{name}.ome.zarr"
+
+    def tiff(self, name: str) -> Path:
+        return self.output / f"{name}.tif"
+
+    def report(self) -> Path:
+        return self.output / "report" / "index.html"
+
+
+def paths(config: dict) -> Paths:
+    output = Path(config["output_dir"])
+    return Paths(output, Path(config.get("work_dir") or output / "work"))
+
+
+# ------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Unit:
+    """One image to restore: a (file, time point, channel) with a 2D/3D spatial shape."""
+
+    id: str
+    name: str
+    file: str
+    index: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Same-shape tiles fitted together by one ``fit`` job (``fit.batch_size`` at most)."""
+
+    id: str
+    tiles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the DAG needs, derived from the config and the inputs' shapes."""
+
+    units: tuple[Unit, ...]
+    tiles: tuple[Tile, ...]
+    batches: tuple[Batch, ...]
+    names: tuple[str, ...]
+    psf_shape: tuple[int, ...]
+    margin: tuple[int, ...]
+    blend: tuple[int, ...]
+
+    def tile(self, tile_id: str) -> Tile:
+        return self._tiles_by_id[tile_id]
+
+    def batch(self, batch_id: str) -> Batch:
+        return self._batches_by_id[batch_id]
+
+    def batch_of(self, tile_id: str) -> str:
+        """Id of the batch that fits tile ``tile_id``."""
+        return self._batch_of_tile[tile_id]
+
+    @cached_property
+    def _tiles_by_id(self) -> dict[str, Tile]:
+        return {t.id: t for t in self.tiles}
+
+    @cached_property
+    def _batches_by_id(self) -> dict[str, Batch]:
+        return {b.id: b for b in self.batches}
+
+    @cached_property
+    def _batch_of_tile(self) -> dict[str, str]:
+        return {t: b.id for b in self.batches for t in b.tiles}
+
+    def tiles_of(self, unit_id: str) -> list[Tile]:
+        return [t for t in self.tiles if t.unit_id == unit_id]
+
+    def units_of(self, name: str) -> list[Unit]:
+        return [u for u in self.units if u.name == name]
+
+    def batches_of(self, name: str) -> list[str]:
+        """Ids of the batches holding tiles of input ``name`` (in plan order)."""
+        units = {u.id for u in self.units_of(name)}
+        return list(dict.fromkeys(self.batch_of(t.id) for t in self.tiles if t.unit_id in units))
+
+
+def make_batches(tiles: Sequence[Tile], batch_size: int) -> tuple[Batch, ...]:
+    """Group tiles of one padded shape, in plan order, into batches of ``batch_size``.
+
+    Tiles of one image all have one shape (``tile_grid(..., uniform=True)``); images of
+    the same shape share batches too.
+    """
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for tile in tiles:
+        by_shape.setdefault(tile.padded_shape, []).append(tile.id)
+    groups = [ids[i : i + batch_size] for ids in by_shape.values() for i in range(0, len(ids), batch_size)]
+    return tuple(Batch(f"b{number}", tuple(ids)) for number, ids in enumerate(groups))
+
+
+def input_files(config: dict) -> list[str]:
+    """Files named by ``input.path``: a file, a folder (its images) or a glob."""
+    pattern = str(config["input"]["path"])
+    if os.path.isdir(pattern) and not pattern.rstrip("/").endswith(".zarr"):
+        files = sorted(str(p) for p in Path(pattern).iterdir() if p.suffix.lower() in io.IMAGE_SUFFIXES)
+    else:
+        files = sorted(glob.glob(pattern))
+    if not files:
+        raise CiderError(
+            f"config key 'input.path': no input found at {pattern!r}; give a file, folder or glob"
+        )
+    return files
+
+
+def _file_shape(path: str) -> tuple[int, ...]:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return tuple(tif.series[0].shape)
+    if suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return (
+                (im.height, im.width)
+                if im.mode in ("L", "I;16", "I", "F")
+                else (im.height, im.width, len(im.getbands()))
+            )
+    return tuple(io.open_array(path).shape)
+
+
+def _units(config: dict) -> list[Unit]:
+    axes = config["input"]["axes"].upper()
+    spatial = "".join(a for a in axes if a in "ZYX")
+    if spatial not in ("YX", "ZYX") or sorted(axes) != sorted(set(axes)) or set(axes) - set("TCZYX"):
+        raise CiderError(
+            f"config key 'input.axes': {axes!r} must be one of YX, CYX, ZYX, CZYX, TCZYX (letters in this order)"
+        )
+    units, files = [], input_files(config)
+    stems = [Path(f).name.split(".")[0] for f in files]
+    for file, stem in zip(files, stems):
+        shape = _file_shape(file)
+        if len(shape) != len(axes):
+            raise CiderError(
+                f"{file}: has {len(shape)} axes (shape {shape}) but config key 'input.axes' is {axes!r}"
+            )
+        name = stem if stems.count(stem) == 1 else f"{stem}_{len(units)}"
+        outer = [n for a, n in zip(axes, shape) if a in "TC"]
+        for index in np.ndindex(*outer):
+            spatial_shape = tuple(n for a, n in zip(axes, shape) if a in "ZYX")
+            units.append(Unit(unit_name(len(units)), name, file, tuple(int(i) for i in index), spatial_shape))
+    return units
+
+
+def make_psf(config: dict, ndim: int) -> np.ndarray:
+    """The PSF the config describes (file, Gaussian or optical model), validated.
+
+    Computed once per process (the plan and a tile's restore both need it).
+    """
+    key = json.dumps({"psf": config["psf"], "voxel_size": config["input"]["voxel_size"]}, sort_keys=True)
+    return _cached_psf(key, ndim).copy()
+
+
+@lru_cache(maxsize=8)
+def _cached_psf(key: str, ndim: int) -> np.ndarray:
+    config = json.loads(key)
+    spec = config["psf"]
+    voxel = config["voxel_size"]
+    if spec.get("file"):
+        name = f"config key 'psf.file' ({spec['file']})"
+        psf_voxel = spec.get("voxel_size")
+        if psf_voxel is not None and voxel is None:
+            raise CiderError(
+                "config key 'psf.voxel_size' needs 'input.voxel_size' (the image's sampling) too"
+            )
+        psf, notes = clean_psf(
+            io.read_psf(spec["file"]),
+            name=name,
+            psf_voxel_size=psf_voxel,
+            image_voxel_size=voxel if psf_voxel is not None else None,
+            remove_pedestal=spec["remove_pedestal"],
+            recentre=spec["recentre"],
+            energy=spec["energy"],
+        )
+        for note in notes:
+            print(f"cider: {note}", file=sys.stderr)
+        return psf
+    if spec.get("model"):
+        size = spec.get("size")
+        if not size or len(size) != ndim:
+            raise CiderError(f"config key 'psf.size': give {ndim} odd sizes for psf.model {spec['model']!r}")
+        indices = {k: spec[k] for k in ("immersion_index", "sample_index") if spec.get(k) is not None}
+        if "immersion_index" in indices:
+            indices.setdefault("sample_index", indices["immersion_index"])
+        if spec["model"] == "lightsheet":
+            return lightsheet_psf(
+                size, voxel, spec["wavelength"], spec["na"], spec["sheet_thickness"], **indices
+            )
+        return widefield_psf(size, voxel, spec["wavelength"], spec["na"], **indices)
+    sigma = spec.get("gaussian_sigma")
+    if sigma is None:
+        raise CiderError("config key 'psf': give one of 'file', 'gaussian_sigma' or 'model'")
+    return gaussian_psf(sigma if isinstance(sigma, (int, float)) else tuple(sigma), ndim=ndim)
+
+
+@lru_cache(maxsize=8)
+def _cached_plan(config_json: str) -> Plan:
+    config = json.loads(config_json)
+    units = _units(config)
+    ndim = len(units[0].shape)
+    if any(len(u.shape) != ndim for u in units):
+        raise CiderError("config key 'input.path': all inputs must have the same number of spatial axes")
+    voxel = config["input"].get("voxel_size")
+    if voxel is not None and len(voxel) != ndim:
+        axes = config["input"]["axes"]
+        raise CiderError(
+            f"config key 'input.voxel_size': {voxel} has {len(voxel)} values but the images have {ndim} "
+            f"spatial axes (input.axes {axes!r}); give one size per spatial axis, Z Y X order"
+        )
+    psf_shape = make_psf(config, ndim).shape
+    tiling = config["tiling"]
+    tile_size = per_axis(tiling["tile_size"], ndim, "tiling.tile_size")
+    need = minimum_margin(psf_shape)
+    margin = need if tiling["margin"] == "auto" else per_axis(tiling["margin"], ndim, "tiling.margin")
+    if any(m < n for m, n in zip(margin, need)):
+        raise CiderError(
+            f"config key 'tiling.margin': {margin} is smaller than the PSF requires ({need}, the PSF size "
+            f"{psf_shape} minus 1); tiles would show seams. Use 'auto' or at least {need}"
+        )
+    blend = (
+        tuple(max(1, m // 2) for m in margin)
+        if tiling["blend"] == "auto"
+        else per_axis(tiling["blend"], ndim, "tiling.blend")
+    )
+    if any(b > m or 4 * b > t for b, m, t in zip(blend, margin, tile_size)):
+        raise CiderError(
+            f"config key 'tiling.blend': {blend} must be ≤ margin {margin} and ≤ tile_size/4 {tile_size}"
+        )
+    for u in units:
+        if any(k > n for k, n in zip(psf_shape, u.shape)):
+            raise CiderError(f"{u.file}: image shape {u.shape} is smaller than the PSF {psf_shape}")
+    tiles = [
+        t
+        for number, u in enumerate(units)
+        for t in tile_grid(u.shape, tile_size, margin, unit=number, uniform=True)
+    ]
+    small = [t.id for t in tiles if any(n < k for n, k in zip(t.padded_shape, psf_shape))]
+    if small:
+        raise CiderError(
+            f"tiles {small[:3]} are smaller than the PSF {psf_shape}; increase 'tiling.tile_size'"
+        )
+    names = tuple(dict.fromkeys(u.name for u in units))
+    batches = make_batches(tiles, config["fit"]["batch_size"])
+    return Plan(tuple(units), tuple(tiles), batches, names, tuple(psf_shape), tuple(margin), tuple(blend))
+
+
+def per_axis(value, ndim: int, key: str) -> tuple[int, ...]:
+    values = (value,) * ndim if isinstance(value, int) else tuple(value)
+    if len(values) != ndim:
+        raise CiderError(
+            f"config key '{key}': expected {ndim} values (one per spatial axis), got {list(values)}"
+        )
+    return tuple(int(v) for v in values)
+
+
+def make_plan(config: dict) -> Plan:
+    """Units, tiles, PSF shape, margin and blend width (cached per config)."""
+    return _cached_plan(json.dumps(config, sort_keys=True, default=str))
