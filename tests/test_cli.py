@@ -69,20 +69,27 @@ def test_psf_command_writes_normalised_psf(tmp_path):
 
 @pytest.mark.parametrize(
     "extra,message",
-    [(["--iterations", "0"], "--iterations must be ≥ 1"), (["-o", "SAME"], "is the input file")],
+    [
+        (["--iterations", "0"], "--iterations must be ≥ 1"),
+        (["-o", "SAME"], "is the input file"),
+        (["-o", "out.jpg"], "unsupported output format '.jpg'; use .tif, .png or .npy"),
+        (["--gaussian-sigma", "0"], "--gaussian-sigma must be > 0"),
+        (["--psf", "PSF"], "give --psf FILE or --gaussian-sigma S, not both"),
+        (["--device", "gpu0"], "'gpu0' is not a device name"),
+    ],
 )
-def test_restore_refuses_lossy_requests_before_any_work(tmp_path, capsys, extra, message):
+def test_restore_refuses_bad_requests_before_any_work(tmp_path, capsys, extra, message):
     image = tmp_path / "in.tif"
     tifffile.imwrite(image, blobs((32, 32), 5).astype(np.float32))
+    tifffile.imwrite(tmp_path / "psf.tif", np.ones((3, 3), np.float32))
     before = image.read_bytes()
-    args = ["restore", str(image), "--gaussian-sigma", "1", "-o", str(tmp_path / "out.tif"), "--quiet"]
-    if extra[0] == "-o":
-        args[args.index("-o") + 1] = str(image)
-    else:
-        args += extra
+    options = {"--gaussian-sigma": "1", "-o": str(tmp_path / "out.tif")}
+    value = {"SAME": str(image), "PSF": str(tmp_path / "psf.tif"), "out.jpg": str(tmp_path / "out.jpg")}
+    options[extra[0]] = value.get(extra[1], extra[1])
+    args = ["restore", str(image), *[x for pair in options.items() for x in pair], "--quiet"]
     assert cli.main(args) == 2
     assert message in capsys.readouterr().err
-    assert image.read_bytes() == before and not (tmp_path / "out.tif").exists()
+    assert image.read_bytes() == before and not list(tmp_path.glob("out.*"))
 
 
 def test_metrics_json_is_strict(tmp_path):

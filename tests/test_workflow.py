@@ -126,6 +126,55 @@ def test_axes_mismatch_names_the_file(tmp_path):
         make_plan(validate_config(config))
 
 
+def _psf_2d_file(tmp: Path) -> dict:
+    tifffile.imwrite(tmp / "psf2d.tif", gaussian_psf(1.0).astype(np.float32))
+    return {"file": str(tmp / "psf2d.tif")}
+
+
+PLANNING_ERRORS = [
+    # (what the user wrote, the message that must name it and say what to do)
+    (
+        "2D PSF file for ZYX data",
+        {"psf": _psf_2d_file},
+        r"psf.file.*the PSF has 2 axes .*but the images have 3 spatial axes",
+    ),
+    (
+        "PSF larger than the tile",
+        {"psf": {"gaussian_sigma": [2.0, 6.0, 6.0]}},
+        r"PSF \(\d+, \d+, \d+\) is too large for tiling.tile_size .*increase tiling.tile_size to at least",
+    ),
+    (
+        "model without wavelength",
+        {"psf": {"model": "widefield", "na": 1.2, "size": [9, 15, 15]}},
+        r"psf.model 'widefield' needs psf.wavelength",
+    ),
+    (
+        "light-sheet model without sheet",
+        {"psf": {"model": "lightsheet", "na": 0.8, "wavelength": 0.5, "size": [9, 15, 15]}},
+        r"needs psf.sheet_thickness",
+    ),
+    (
+        "zero Gaussian sigma",
+        {"psf": {"gaussian_sigma": 0}},
+        r"key 'psf.gaussian_sigma': 0 is less than or equal",
+    ),
+    (
+        "file and sigma both given",
+        {"psf": lambda tmp: {"file": str(tmp / "psf.tif"), "gaussian_sigma": 1.0}},
+        r"psf.file, psf.gaussian_sigma: give only one",
+    ),
+]
+
+
+@pytest.mark.parametrize("what, change, message", PLANNING_ERRORS, ids=[c[0] for c in PLANNING_ERRORS])
+def test_bad_configs_are_refused_at_planning_naming_the_key(tmp_path, what, change, message):
+    config = yaml.safe_load(_dataset(tmp_path, (12, 36, 36), (0.8, 1.2, 1.2), [12, 24, 24]).read_text())
+    for key, value in change.items():
+        config[key] = value(tmp_path) if callable(value) else value
+    with pytest.raises(CiderError, match=message):
+        make_plan(validate_config(config))
+
+
 def test_voxel_size_of_the_wrong_length_is_refused_at_planning(tmp_path):
     config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
     config["input"]["voxel_size"] = [0.5, 0.2, 0.2]

@@ -29,15 +29,9 @@ def _restore(args: argparse.Namespace) -> int:
     from .psf import clean_psf, gaussian_psf
     from .restore import RestoreConfig, restore
 
-    if args.iterations < 1:
-        print(
-            "cider restore: --iterations must be ≥ 1 (0 would return an untrained generator)", file=sys.stderr
-        )
-        return 2
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        print(
-            f"cider restore: -o {args.output} is the input file; choose another output path", file=sys.stderr
-        )
+    refusal = _restore_refusal(args)
+    if refusal:
+        print(f"cider restore: {refusal}", file=sys.stderr)
         return 2
     image = io.read_image(args.input)
     if image.ndim == 3 and image.shape[-1] in (3, 4) and Path(args.input).suffix.lower() == ".png":
@@ -46,7 +40,7 @@ def _restore(args: argparse.Namespace) -> int:
         psf, notes = clean_psf(io.read_psf(args.psf), name=f"--psf {args.psf}")
         for note in notes:
             print(f"cider restore: {note}", file=sys.stderr)
-    elif args.gaussian_sigma:
+    elif args.gaussian_sigma is not None:
         psf = gaussian_psf(args.gaussian_sigma, ndim=image.ndim)
     else:
         print("cider restore: give a PSF with --psf FILE or --gaussian-sigma S", file=sys.stderr)
@@ -78,6 +72,29 @@ def _restore(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def _restore_refusal(args: argparse.Namespace) -> str | None:
+    """Why ``cider restore`` cannot run as asked (checked before any work), or None."""
+    from .errors import CiderError
+    from .restore import resolve_device
+
+    suffix = Path(args.output).suffix.lower()
+    if args.iterations < 1:
+        return "--iterations must be ≥ 1 (0 would return an untrained generator)"
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        return f"-o {args.output} is the input file; choose another output path"
+    if suffix not in (".tif", ".tiff", ".png", ".npy"):
+        return f"-o {args.output}: unsupported output format {suffix!r}; use .tif, .png or .npy"
+    if args.psf and args.gaussian_sigma is not None:
+        return "give --psf FILE or --gaussian-sigma S, not both"
+    if args.gaussian_sigma is not None and args.gaussian_sigma <= 0:
+        return f"--gaussian-sigma must be > 0 (pixels), got {args.gaussian_sigma}"
+    try:
+        resolve_device(args.device)
+    except CiderError as err:
+        return f"--device: {err}"
+    return None
 
 
 def _psf(args: argparse.Namespace) -> int:

@@ -210,6 +210,12 @@ def _cached_psf(key: str, ndim: int) -> np.ndarray:
     config = json.loads(key)
     spec = config["psf"]
     voxel = config["voxel_size"]
+    given = [f"psf.{k}" for k in ("file", "gaussian_sigma", "model") if spec.get(k) not in (None, "")]
+    if len(given) > 1:
+        raise CiderError(
+            f"config keys {', '.join(given)}: give only one of psf.file, psf.gaussian_sigma or psf.model "
+            "(they describe the PSF in different ways)"
+        )
     if spec.get("file"):
         name = f"config key 'psf.file' ({spec['file']})"
         psf_voxel = spec.get("voxel_size")
@@ -217,8 +223,14 @@ def _cached_psf(key: str, ndim: int) -> np.ndarray:
             raise CiderError(
                 "config key 'psf.voxel_size' needs 'input.voxel_size' (the image's sampling) too"
             )
+        measured = io.read_psf(spec["file"])
+        if measured.ndim != ndim:
+            raise CiderError(
+                f"{name}: the PSF has {measured.ndim} axes (shape {measured.shape}) but the images have "
+                f"{ndim} spatial axes (input.axes); give a PSF with one axis per spatial axis"
+            )
         psf, notes = clean_psf(
-            io.read_psf(spec["file"]),
+            measured,
             name=name,
             psf_voxel_size=psf_voxel,
             image_voxel_size=voxel if psf_voxel is not None else None,
@@ -233,6 +245,16 @@ def _cached_psf(key: str, ndim: int) -> np.ndarray:
         size = spec.get("size")
         if not size or len(size) != ndim:
             raise CiderError(f"config key 'psf.size': give {ndim} odd sizes for psf.model {spec['model']!r}")
+        needed = (
+            ("wavelength", "na", "sheet_thickness") if spec["model"] == "lightsheet" else ("wavelength", "na")
+        )
+        missing = [f"psf.{k}" for k in needed if spec.get(k) is None]
+        if missing:
+            raise CiderError(
+                f"config key psf.model {spec['model']!r} needs {', '.join(missing)} (see config/README.md)"
+            )
+        if voxel is None:
+            raise CiderError(f"config key psf.model {spec['model']!r} needs input.voxel_size (µm per axis)")
         indices = {k: spec[k] for k in ("immersion_index", "sample_index") if spec.get(k) is not None}
         if "immersion_index" in indices:
             indices.setdefault("sample_index", indices["immersion_index"])
@@ -276,6 +298,13 @@ def _cached_plan(config_json: str) -> Plan:
         if tiling["blend"] == "auto"
         else per_axis(tiling["blend"], ndim, "tiling.blend")
     )
+    if any(4 * b > t for b, t in zip(blend, tile_size)) and tiling["blend"] == "auto":
+        least = tuple(max(t, 4 * b) for b, t in zip(blend, tile_size))
+        raise CiderError(
+            f"the PSF {tuple(psf_shape)} is too large for tiling.tile_size {tile_size}: tiles are blended "
+            f"over half the margin ({blend}; margin = PSF size − 1), which needs tile_size ≥ 4 × that; "
+            f"increase tiling.tile_size to at least {least}, or crop the PSF (psf.energy)"
+        )
     if any(b > m or 4 * b > t for b, m, t in zip(blend, margin, tile_size)):
         raise CiderError(
             f"config key 'tiling.blend': {blend} must be ≤ margin {margin} and ≤ tile_size/4 {tile_size}"
