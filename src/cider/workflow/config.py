@@ -10,7 +10,8 @@ import yaml
 
 from ..errors import CiderError
 
-SCHEMA = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
+# Inside the package, so validation works from an installed wheel, not only a checkout.
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 
 def _fill_defaults(schema: dict, data: dict) -> dict:
