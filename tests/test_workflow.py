@@ -303,8 +303,8 @@ def test_failed_tile_is_reported_and_its_batch_rerun_alone(tmp_path):
     """4 tiles in batches of 2: a failing tile fails its batch only; the rerun fits that batch."""
     clean_dir, fail_dir = tmp_path / "clean", tmp_path / "fail"
     clean_dir.mkdir(), fail_dir.mkdir()
-    clean = _dataset(clean_dir, (60, 60), 1.2, 32, iterations=20, batch_size=2)
-    failing = _dataset(fail_dir, (60, 60), 1.2, 32, iterations=20, batch_size=2)
+    clean = _dataset(clean_dir, (60, 60), 1.2, 32, iterations=8, batch_size=2)
+    failing = _dataset(fail_dir, (60, 60), 1.2, 32, iterations=8, batch_size=2)
     assert _snakemake(clean).returncode == 0
 
     first = _snakemake(failing, "--keep-going", "--retries", "0", env={FAIL_ENV: "u000-t00002"})
@@ -324,6 +324,30 @@ def test_failed_tile_is_reported_and_its_batch_rerun_alone(tmp_path):
     a = tifffile.imread(clean_dir / "out" / "input.tif")
     b = tifffile.imread(fail_dir / "out" / "input.tif")
     np.testing.assert_array_equal(a, b)
+
+
+def _job_counts(log: str) -> dict[str, int]:
+    """Snakemake's "Job stats" table (rule → number of jobs) from its log."""
+    counts = {}
+    for line in log.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[1].isdigit() and words[0].isidentifier() and words[0] != "total":
+            counts[words[0]] = int(words[1])
+    return counts
+
+
+@pytest.mark.slow
+def test_a_config_change_reruns_exactly_the_affected_rules(tmp_path):
+    config = _dataset(tmp_path, (40, 40), 1.0, 40, iterations=3)
+    assert _snakemake(config).returncode == 0
+    settings = yaml.safe_load(config.read_text())
+    settings["restore"]["iterations"] = 4
+    config.write_text(yaml.safe_dump(settings))
+    second = _snakemake(config)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _job_counts(second.stderr) == {"all": 1, "fit": 1, "report": 1, "stitch": 1}, second.stderr
+    assert "Params have changed since last execution" in second.stderr
+    assert "Nothing to be done" in _snakemake(config).stderr
 
 
 def test_every_script_runs_alone_and_documents_it():

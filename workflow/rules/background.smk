@@ -9,5 +9,9 @@ rule background:
         ENV
     resources:
         mem_mb=8000,
+    params:
+        settings=settings(
+            "background", feature_weights=config["restore"]["feature_weights"]
+        ),
     script:
         "../../scripts/background.py"

@@ -22,14 +22,23 @@ wildcard_constraints:
     name=r"[^/]+",
 
 
+def settings(*keys, **parts):
+    """The config a rule's outputs depend on, given to it as ``params``: Snakemake reruns the
+    rule when it changes (rerun trigger "params") and says so ("Params have changed").
+    """
+    return {**{key: config[key] for key in keys}, **parts}
+
+
 def units_of_batch(wildcards):
-    """Intensity range (and background) of the units whose tiles are in the batch."""
+    """Intensity range (and background) of the batch's units, and the PSF file if any."""
     units = dict.fromkeys(
         PLAN.tile(t).unit_id for t in PLAN.batch(wildcards.batch).tiles
     )
     files = [str(PATHS.intensity(unit)) for unit in units]
     if config["background"]["enabled"]:
         files += [str(PATHS.background(unit)) for unit in units]
+    if config["psf"]["file"]:
+        files.append(config["psf"]["file"])  # a changed PSF file reruns the fits
     return files
 
 

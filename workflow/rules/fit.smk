@@ -15,5 +15,7 @@ rule fit:
     conda:
         ENV
     threads: 2
+    params:
+        settings=settings("input", "psf", "tiling", "restore"),
     script:
         "../../scripts/fit.py"

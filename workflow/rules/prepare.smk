@@ -8,5 +8,7 @@ rule prepare:
         str(LOGS / "prepare.log"),
     conda:
         ENV
+    params:
+        settings=settings("input", "tiling"),
     script:
         "../../scripts/prepare.py"

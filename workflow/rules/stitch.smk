@@ -9,5 +9,7 @@ rule stitch:
         ENV
     resources:
         mem_mb=16000,
+    params:
+        settings=settings("input", "tiling", "stitch"),
     script:
         "../../scripts/stitch.py"
