@@ -21,8 +21,8 @@ so batched and sequential fits agree to this yardstick, not bit for bit; in floa
 agree to 1e-7 (``tests/test_batched_fit.py``).
 
 Memory: the bytes of the activations autograd keeps for the backward pass of one
-batched forward (traced with ``saved_tensors_hooks``; on CPU that is the estimate the
-issue asks for), and on CUDA the measured peak (``torch.cuda.max_memory_allocated``).
+batched forward (``cider.fitting.activation_bytes``, traced on the ``meta`` device), and
+on CUDA the measured peak (``torch.cuda.max_memory_allocated``).
 ``--estimate-only`` prints the traced activation memory of a large 3D tile without
 fitting (on the ``meta`` device: no memory is allocated).
 
@@ -46,8 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import cider.fitting  # noqa: E402
-from cider.fitting import fit_generator, fit_generators  # noqa: E402
-from cider.generator import Generator  # noqa: E402
+from cider.fitting import activation_bytes, fit_generator, fit_generators  # noqa: E402
 from cider.psf import gaussian_psf  # noqa: E402
 from cider.restore import RestoreConfig, crop_to_image, deconvolved_features, prepare  # noqa: E402
 from cider.rl import BlurOperator  # noqa: E402
@@ -94,33 +93,6 @@ def psnr_against(estimate: torch.Tensor, truth: np.ndarray, psf_shape) -> float:
     a = np.vstack([x, np.ones_like(x)]).T
     fitted = a @ np.linalg.lstsq(a, t, rcond=None)[0]
     return float(10 * np.log10(np.ptp(t) ** 2 / np.mean((fitted - t) ** 2)))
-
-
-def saved_activation_bytes(shape, batch: int, device: str = "cpu") -> int:
-    """Bytes autograd saves for the backward of one forward of ``batch`` generators."""
-    from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
-
-    module = Generator(len(shape))
-    replace_all_batch_norm_modules_(module)
-    module = module.to(device)
-    params = {
-        k: v.detach()[None].repeat(batch, *([1] * v.ndim)).requires_grad_()
-        for k, v in module.named_parameters()
-    }
-    x = torch.zeros(batch, 16, *shape, device=device)
-    seen: dict[tuple, int] = {}
-
-    def pack(t: torch.Tensor):
-        key = (t.untyped_storage().data_ptr() if device != "meta" else id(t), t.shape, t.dtype)
-        seen[key] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if batch == 1:
-            functional_call(module, ({k: v[0] for k, v in params.items()}, {}), (x,))
-        else:
-            vmap(lambda p, xi: functional_call(module, (p, {}), (xi[None],))[0])(params, x)
-    return int(sum(seen.values()))
 
 
 def _time(function) -> tuple[float, object]:
@@ -173,10 +145,8 @@ def run_case(name, shape, sigma, batch, iterations, device) -> dict:
         "psnr_batched": [round(v, 3) for v in psnr_bat],
         "quality_diff_db": round(max(abs(a - b) for a, b in zip(psnr_seq, psnr_bat)), 4),
         "rounding_diff_db": round(max(abs(a - b) for a, b in zip(psnr_seq, psnr_pert)), 4),
-        "saved_activation_mib_batch1": round(saved_activation_bytes(features[0].shape[1:], 1) / 2**20, 1),
-        "saved_activation_mib_batched": round(
-            saved_activation_bytes(features[0].shape[1:], batch) / 2**20, 1
-        ),
+        "saved_activation_mib_batch1": round(activation_bytes(features[0].shape[1:], 1) / 2**20, 1),
+        "saved_activation_mib_batched": round(activation_bytes(features[0].shape[1:], batch) / 2**20, 1),
     }
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -233,7 +203,7 @@ def main() -> None:
     large = (124 + 8, 346 + 8, 346 + 8)
     estimate = {
         "object_shape": list(large),
-        "saved_activation_gib": round(saved_activation_bytes(large, 1, device="meta") / 2**30, 2),
+        "saved_activation_gib": round(activation_bytes(large) / 2**30, 2),
     }
     if args.estimate_only:
         print(json.dumps(estimate))

@@ -102,3 +102,14 @@ def test_members_beyond_the_cpu_batch_size_are_fitted_in_chunks(monkeypatch):
     fits = fit_generators([f for f, _ in members], [p for _, p in members], config)
     for fit, (features, prepared) in zip(fits, members):
         _assert_same(fit, fit_generator(features, prepared, config))
+
+
+def test_activation_memory_estimate_grows_with_tile_and_batch():
+    """Traced on the meta device: 4× the pixels ≈ 4× the bytes; a batch of 4 ≥ 4× one tile."""
+    from cider.fitting import activation_bytes
+
+    small, large = activation_bytes((76, 76)), activation_bytes((152, 152))
+    assert 10 * 2**20 < small < 30 * 2**20
+    assert 3.5 < large / small < 4.5
+    assert activation_bytes((76, 76), batch=4) >= 4 * small
+    assert 30 * 2**30 < activation_bytes((132, 354, 354)) < 45 * 2**30  # the issue's 34 GiB tile
