@@ -12,9 +12,9 @@ so the others continue unchanged. :func:`fit_generator` is the batch of one.
 What makes a batch fast is the device: on a GPU a small tile leaves most of it idle, and
 B tiles per forward pass fill it. On a CPU a batch pays off only for small members, so
 there the members are fitted in chunks (``CPU_BATCH_VOXELS``; ``bench/throughput.py``).
-Batch normalisation runs in
-training mode as in the sequential fit (batch statistics of each member's own
-activations; running statistics are not used by the fit and are not kept).
+Batch normalisation runs in training mode as in the sequential fit (batch statistics of
+each member's own activations; running statistics are not used by the fit and are not
+kept).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 The architecture follows the "skip" network of Deep Image Prior as used by CiDeR:
 four levels with 32, 32, 64, 64 channels on the way down and up, 16-channel 1×1 skip
 branches, stride-2 downsampling, (bi/tri)linear upsampling, batch normalisation after
-every convolution, LeakyReLU(0.2), dot-product non-local blocks at levels 2 and 3, and a
-output activation (softplus by default, the paper's sigmoid as an option). In 2D it has 322,913 parameters, the figure given in the CiDeR paper.
+every convolution, LeakyReLU(0.2), dot-product non-local blocks at levels 2 and 3, and an
+output activation (softplus by default, the paper's sigmoid as an option). In 2D it has
+322,913 parameters, the figure given in the CiDeR paper.
 
 The same code builds the 3D variant by swapping the convolution, normalisation and
 interpolation modules, so both variants have the same structure.

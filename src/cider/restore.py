@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -390,8 +391,14 @@ def raw_features(observation: torch.Tensor, config: RestoreConfig) -> torch.Tens
     """What RL deconvolves: the deep features (or, for ``image_rl``, the image), ``(C, *shape)``."""
     if config.generator_input == "image_rl":
         return observation[None]
-    model = load_feature_extractor(config.feature_weights, device=observation.device)
-    return extract_features(observation, model)
+    return extract_features(observation, _feature_extractor(config.feature_weights, str(observation.device)))
+
+
+@lru_cache(maxsize=4)
+def _feature_extractor(weights: str | None, device: str):
+    """The extractor, loaded once per process (a fit job prepares every tile of its batch,
+    and :func:`feature_range` goes through a volume slab by slab). Frozen, so sharing is safe."""
+    return load_feature_extractor(weights, device=device)
 
 
 def feature_range(
