@@ -40,7 +40,10 @@ def test_restore_png_with_gaussian_psf(tmp_path):
     code = cli.main(["restore", str(tmp_path / "in.png"), "--gaussian-sigma", "1.0",
                      "-o", str(tmp_path / "out.png"), "--iterations", "5", "--quiet"])  # fmt: skip
     assert code == 0
-    assert io.read_image(tmp_path / "out.png").dtype == np.uint8
+    restored = io.read_image(tmp_path / "out.png")
+    # integer units kept: 8-bit while the restored values fit in 8 bits, else 16-bit (said)
+    assert restored.dtype == (np.uint8 if restored.max() <= 255 else np.uint16)
+    assert restored.shape == (40, 40) and restored.max() > 0
 
 
 @pytest.mark.parametrize(
@@ -76,6 +79,7 @@ def test_psf_command_writes_normalised_psf(tmp_path):
         (["--gaussian-sigma", "0"], "--gaussian-sigma must be > 0"),
         (["--psf", "PSF"], "give --psf FILE or --gaussian-sigma S, not both"),
         (["--device", "gpu0"], "'gpu0' is not a device name"),
+        (["-o", "UNDER_A_FILE"], "cannot be created"),
     ],
 )
 def test_restore_refuses_bad_requests_before_any_work(tmp_path, capsys, extra, message):
@@ -84,7 +88,12 @@ def test_restore_refuses_bad_requests_before_any_work(tmp_path, capsys, extra, m
     tifffile.imwrite(tmp_path / "psf.tif", np.ones((3, 3), np.float32))
     before = image.read_bytes()
     options = {"--gaussian-sigma": "1", "-o": str(tmp_path / "out.tif")}
-    value = {"SAME": str(image), "PSF": str(tmp_path / "psf.tif"), "out.jpg": str(tmp_path / "out.jpg")}
+    value = {
+        "SAME": str(image),
+        "PSF": str(tmp_path / "psf.tif"),
+        "out.jpg": str(tmp_path / "out.jpg"),
+        "UNDER_A_FILE": str(tmp_path / "psf.tif" / "out.tif"),
+    }
     options[extra[0]] = value.get(extra[1], extra[1])
     args = ["restore", str(image), *[x for pair in options.items() for x in pair], "--quiet"]
     assert cli.main(args) == 2

@@ -49,3 +49,31 @@ def test_the_wheel_works_installed_outside_the_checkout(tmp_path):
     dry = _run("-m", "snakemake", "-s", snakefile, "-n", "--configfile", str(config), cwd=elsewhere, env=env)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "fit" in dry.stdout
+
+
+def test_the_pins_satisfy_the_declared_ranges():
+    """pyproject.toml gives ranges, constraints.txt the tested versions: every dependency
+    has one pin inside its range, and make and the rule environment install with it."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    declared += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    for requirement in declared:
+        if requirement.name == project["name"]:
+            continue
+        assert "==" not in str(requirement.specifier), (
+            f"{requirement}: an exact pin belongs in constraints.txt"
+        )
+        assert requirement.name.lower() in pins, f"{requirement.name} has no pin in constraints.txt"
+        assert requirement.specifier.contains(pins[requirement.name.lower()]), requirement
+    assert pins["torch"] == "2.13.0"
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+    assert "-c ../constraints.txt" in (ROOT / "envs" / "cider.yaml").read_text()

@@ -34,8 +34,6 @@ def _restore(args: argparse.Namespace) -> int:
         print(f"cider restore: {refusal}", file=sys.stderr)
         return 2
     image = io.read_image(args.input)
-    if image.ndim == 3 and image.shape[-1] in (3, 4) and Path(args.input).suffix.lower() == ".png":
-        image = image[..., :3].mean(axis=-1)
     if args.psf:
         psf, notes = clean_psf(io.read_psf(args.psf), name=f"--psf {args.psf}")
         for note in notes:
@@ -56,11 +54,12 @@ def _restore(args: argparse.Namespace) -> int:
         early_stop_patience=args.early_stop,
     ).with_(background={"enabled": args.background})
     result = restore(image, psf, config)
-    restored = result.restored
-    if Path(args.output).suffix.lower() == ".png" and image.dtype in (np.uint8, np.uint16):
-        info = np.iinfo(image.dtype)
-        restored = np.clip(np.rint(restored), 0, info.max).astype(image.dtype)
-    io.write_image(args.output, restored)
+    restored, text = result.restored, None
+    if Path(args.output).suffix.lower() == ".png":
+        restored, text, notes = io.png_values(restored, image.dtype)
+        for note in notes:
+            print(f"cider restore: {note}", file=sys.stderr)
+    io.write_image(args.output, restored, text=text)
     summary = {
         "output": str(args.output),
         "device": result.device,
@@ -76,6 +75,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 def _restore_refusal(args: argparse.Namespace) -> str | None:
     """Why ``cider restore`` cannot run as asked (checked before any work), or None."""
+    from . import io
     from .errors import CiderError
     from .restore import resolve_device
 
@@ -86,6 +86,10 @@ def _restore_refusal(args: argparse.Namespace) -> str | None:
         return f"-o {args.output} is the input file; choose another output path"
     if suffix not in (".tif", ".tiff", ".png", ".npy"):
         return f"-o {args.output}: unsupported output format {suffix!r}; use .tif, .png or .npy"
+    try:
+        io.check_writable(Path(args.output).parent, f"-o {args.output}")
+    except ValueError as err:
+        return str(err)
     if args.psf and args.gaussian_sigma is not None:
         return "give --psf FILE or --gaussian-sigma S, not both"
     if args.gaussian_sigma is not None and args.gaussian_sigma <= 0:

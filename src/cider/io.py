@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 __all__ = [
     "read_image",
+    "image_shape",
+    "check_complete",
+    "check_writable",
+    "png_values",
     "write_image",
     "read_psf",
     "atomic_write_npy",
@@ -58,10 +64,139 @@ def open_array(path: str | Path, what: str = "image"):
             from PIL import Image
 
             with Image.open(path) as im:
-                return np.asarray(im.convert("F") if im.mode not in ("L", "I;16", "I", "F") else im)
+                return np.asarray(_png_grey(im))
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{what}: cannot read {path}: {err}") from err
     raise ValueError(f"{what}: unsupported format {path.suffix!r} for {path}; use one of {IMAGE_SUFFIXES}")
+
+
+PNG_GREY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _png_grey(im):
+    """One grey channel from a PNG, the one reading the CLI and the pipeline share.
+
+    Grey PNGs (8/16-bit) are kept as they are. Palette, grey+alpha, RGB and RGBA PNGs
+    become 8-bit luminance, L = 0.299 R + 0.587 G + 0.114 B (ITU-R 601-2, Pillow's
+    ``convert("L")``), with alpha dropped; 1-bit PNGs become 0/255.
+    """
+    return im if im.mode in PNG_GREY_MODES else im.convert("L")
+
+
+def image_shape(path: str | Path, what: str = "image") -> tuple[int, ...]:
+    """Shape of an image as :func:`read_image` returns it, from its header only.
+
+    PNGs have two axes whatever their colour mode (see :func:`_png_grey`).
+    """
+    path = Path(path)
+    _check_exists(path, what)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return tuple(tif.series[0].shape)
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return (im.height, im.width)
+    except (OSError, ValueError, IndexError) as err:
+        raise ValueError(f"{what}: cannot read {path}: {err}") from err
+    return tuple(open_array(path, what).shape)
+
+
+def check_complete(path: str | Path, what: str = "image") -> None:
+    """Refuse a file that is cut short (an interrupted copy), before any work is done.
+
+    Cheap: TIFF strips/tiles must lie inside the file (offsets from the headers), NPY
+    data must fill the file, PNG chunks are checked by Pillow's ``verify`` (CRCs, no
+    decoding). Zarr stores are not checked here (their chunks are read when needed).
+
+    Raises
+    ------
+    ValueError
+        Naming the file and what is missing.
+    """
+    path = Path(path)
+    _check_exists(path, what)
+    suffix = path.suffix.lower()
+    cut = f"{what}: {path} is incomplete (truncated or still being copied)"
+    advice = "copy it again (or remove it from input.path) and rerun"
+    try:
+        if suffix in (".tif", ".tiff"):
+            import tifffile
+
+            size = path.stat().st_size
+            with _tiff_warnings() as warnings, tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                end = series.dataoffset + series.nbytes if series.dataoffset is not None else 0
+                for page in series.pages if series.dataoffset is None else ():
+                    if page is not None:
+                        ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+                        end = max([end, *ends])
+            if warnings:
+                raise ValueError(f"{cut}: {warnings[0]}; {advice}")
+            if end > size:
+                raise ValueError(f"{cut}: its data needs {end} bytes, the file has {size}; {advice}")
+        elif suffix == ".npy":
+            array = np.load(path, mmap_mode="r")
+            del array
+        elif suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.verify()
+    except ValueError:
+        raise
+    except (OSError, SyntaxError, IndexError) as err:
+        raise ValueError(f"{cut}: {err}; {advice}") from err
+
+
+@contextmanager
+def _tiff_warnings():
+    """Collect what tifffile logs about broken page chains while a file is opened."""
+    found: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if any(word in message for word in ("invalid page offset", "corrupted", "failed to reshape")):
+                found.append(message)
+
+    logger, handler = logging.getLogger("tifffile"), Collect(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Refuse an output location that cannot be created or written, without creating it.
+
+    The nearest existing folder of ``path`` must be a folder in which a file can be
+    made (tried with a temporary file, so it holds for root and on read-only mounts).
+
+    Raises
+    ------
+    ValueError
+        Naming ``what`` (e.g. a config key) and the folder at fault.
+    """
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {path} cannot be created, {existing} is a file; choose another location")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{what}: cannot write in {existing} ({err.strerror}); choose a writable location"
+        ) from err
 
 
 def read_image(path: str | Path, what: str = "image") -> np.ndarray:
@@ -74,8 +209,13 @@ def read_psf(path: str | Path) -> np.ndarray:
     return read_image(path, what="psf")
 
 
-def write_image(path: str | Path, array: np.ndarray) -> None:
-    """Write an image atomically: TIFF (float32 kept), PNG (8/16-bit), NPY."""
+def write_image(path: str | Path, array: np.ndarray, text: dict[str, str] | None = None) -> None:
+    """Write an image atomically: TIFF (float32 kept), PNG (8/16-bit integers only), NPY.
+
+    ``text`` goes into PNG text chunks (e.g. the scaling of :func:`png_values`).
+    Raises ``ValueError`` for data a PNG cannot hold unchanged (floats): nothing is
+    clipped or rounded silently.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,15 +227,59 @@ def write_image(path: str | Path, array: np.ndarray) -> None:
     elif suffix == ".npy":
         np.save(tmp, np.asarray(array))
     elif suffix == ".png":
-        from PIL import Image
+        from PIL import Image, PngImagePlugin
 
         array = np.asarray(array)
         if array.dtype not in (np.uint8, np.uint16):
-            array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-        Image.fromarray(array).save(tmp)
+            raise ValueError(
+                f"output {path}: PNG stores 8/16-bit integers, not {array.dtype}; convert with "
+                "cider.io.png_values (says what it changes) or write .tif to keep the values"
+            )
+        info = PngImagePlugin.PngInfo()
+        for key, value in (text or {}).items():
+            info.add_text(key, value)
+        Image.fromarray(array).save(tmp, pnginfo=info)
     else:
         raise ValueError(f"output: unsupported format {path.suffix!r} for {path}; use .tif, .png or .npy")
     os.replace(tmp, path)
+
+
+def png_values(array: np.ndarray, source_dtype: np.dtype) -> tuple[np.ndarray, dict[str, str], list[str]]:
+    """Restored values made ready for a PNG, with what was changed said and recorded.
+
+    - Integer sources keep their units: values are rounded to integers, kept in the
+      source's bit depth when they fit, else written as 16-bit; negative values are
+      clipped to 0 (counted in the notes).
+    - Float sources, or values above 65535, are scaled so the maximum is 65535 (zero
+      stays 0 unless there are negative values, then the minimum is 0); the mapping
+      ``value = stored × scale + offset`` is stored in the PNG text chunks
+      ``cider:scale`` / ``cider:offset`` and said in the notes.
+
+    Returns
+    -------
+    values, text, notes
+        The 8/16-bit array, the PNG text chunks and one line per change made.
+    """
+    values = np.asarray(array, dtype=np.float64)
+    notes: list[str] = []
+    if np.issubdtype(source_dtype, np.integer) and values.max(initial=0) < 65535.5:
+        negative = int(np.count_nonzero(values < -0.5))
+        if negative:
+            notes.append(f"PNG: {negative} negative values clipped to 0 (write .tif to keep them)")
+        rounded = np.clip(np.rint(values), 0, None)
+        dtype = np.uint8 if rounded.max(initial=0) <= 255 and source_dtype == np.uint8 else np.uint16
+        if dtype != source_dtype:
+            notes.append(f"PNG: written as 16-bit, the restored values reach {rounded.max():.0f}")
+        return rounded.astype(dtype), {}, notes
+    low, high = min(0.0, float(values.min(initial=0))), float(values.max(initial=0))
+    scale = (high - low) / 65535 if high > low else 1.0
+    stored = np.rint((values - low) / scale).astype(np.uint16)
+    text = {"cider:scale": repr(scale), "cider:offset": repr(low)}
+    notes.append(
+        f"PNG: values scaled to 16-bit, value = stored × {scale:.6g} + {low:.6g} (kept in the PNG's "
+        "text chunks cider:scale/cider:offset); write .tif to keep the values as they are"
+    )
+    return stored, text, notes
 
 
 def atomic_write_npy(path: str | Path, array: np.ndarray) -> None:

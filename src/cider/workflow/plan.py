@@ -154,25 +154,6 @@ def input_files(config: dict) -> list[str]:
     return files
 
 
-def _file_shape(path: str) -> tuple[int, ...]:
-    suffix = Path(path).suffix.lower()
-    if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        with tifffile.TiffFile(path) as tif:
-            return tuple(tif.series[0].shape)
-    if suffix == ".png":
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return (
-                (im.height, im.width)
-                if im.mode in ("L", "I;16", "I", "F")
-                else (im.height, im.width, len(im.getbands()))
-            )
-    return tuple(io.open_array(path).shape)
-
-
 def _units(config: dict) -> list[Unit]:
     axes = config["input"]["axes"].upper()
     spatial = "".join(a for a in axes if a in "ZYX")
@@ -183,7 +164,11 @@ def _units(config: dict) -> list[Unit]:
     units, files = [], input_files(config)
     stems = [Path(f).name.split(".")[0] for f in files]
     for file, stem in zip(files, stems):
-        shape = _file_shape(file)
+        try:
+            io.check_complete(file, what="input")
+            shape = io.image_shape(file, what="input")
+        except ValueError as err:
+            raise CiderError(str(err)) from err
         if len(shape) != len(axes):
             raise CiderError(
                 f"{file}: has {len(shape)} axes (shape {shape}) but config key 'input.axes' is {axes!r}"
@@ -269,9 +254,21 @@ def _cached_psf(key: str, ndim: int) -> np.ndarray:
     return gaussian_psf(sigma if isinstance(sigma, (int, float)) else tuple(sigma), ndim=ndim)
 
 
+def _check_outputs(config: dict) -> None:
+    """Refuse an output or work folder that cannot be written, before any work."""
+    run = paths(config)
+    places = [("output_dir", run.output)] + ([("work_dir", run.work)] if config.get("work_dir") else [])
+    for key, place in places:
+        try:
+            io.check_writable(place, f"config key '{key}'")
+        except ValueError as err:
+            raise CiderError(str(err)) from err
+
+
 @lru_cache(maxsize=8)
 def _cached_plan(config_json: str) -> Plan:
     config = json.loads(config_json)
+    _check_outputs(config)
     units = _units(config)
     ndim = len(units[0].shape)
     if any(len(u.shape) != ndim for u in units):

@@ -33,11 +33,16 @@ def _restore_config(config: dict, device: str | None = None):
 
 def _read_unit(unit: Unit, config: dict) -> np.ndarray:
     axes = config["input"]["axes"].upper()
-    array = io.open_array(unit.file)
     index, outer = [], iter(unit.index)
     for a in axes:
         index.append(next(outer) if a in "TC" else slice(None))
-    return np.asarray(array[tuple(index)], dtype=np.float32)
+    try:
+        return np.asarray(io.open_array(unit.file)[tuple(index)], dtype=np.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise CiderError(
+            f"{unit.file} (unit {unit.id}, index {unit.index}): cannot read it ({err}); the file may be "
+            "damaged or have changed since planning: check it, then rerun"
+        ) from err
 
 
 def run_prepare(config: dict) -> None:
