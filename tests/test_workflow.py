@@ -170,6 +170,11 @@ PLANNING_ERRORS = [
         r"psf.file, psf.gaussian_sigma: give only one",
     ),
     (
+        "unknown device name",
+        {"restore": {"device": "gpu0"}},
+        r"key 'restore.device': 'gpu0' does not match",
+    ),
+    (
         "truncated input TIFF",
         {"input": _truncated_input},
         r"cut.tif is incomplete \(truncated or still being copied\).*copy it again",
@@ -329,14 +334,30 @@ def test_end_to_end_3d(tmp_path):
     assert gain > 0.5, f"PSNR gain over the input only {gain:.2f} dB"
 
 
+SMALL_RUN = {
+    "shape": (60, 60),
+    "sigma": 1.2,
+    "tile": 32,
+    "iterations": 8,
+    "batch_size": 2,
+}  # 4 tiles, 2 batches
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory) -> Path:
+    """An uninterrupted run of SMALL_RUN: the bits that interrupted runs must reproduce."""
+    folder = tmp_path_factory.mktemp("clean")
+    run = _snakemake(_dataset(folder, **SMALL_RUN))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return folder / "out" / "input.tif"
+
+
 @pytest.mark.slow
-def test_failed_tile_is_reported_and_its_batch_rerun_alone(tmp_path):
+def test_failed_tile_is_reported_and_its_batch_rerun_alone(tmp_path, clean_run):
     """4 tiles in batches of 2: a failing tile fails its batch only; the rerun fits that batch."""
-    clean_dir, fail_dir = tmp_path / "clean", tmp_path / "fail"
-    clean_dir.mkdir(), fail_dir.mkdir()
-    clean = _dataset(clean_dir, (60, 60), 1.2, 32, iterations=8, batch_size=2)
-    failing = _dataset(fail_dir, (60, 60), 1.2, 32, iterations=8, batch_size=2)
-    assert _snakemake(clean).returncode == 0
+    fail_dir = tmp_path / "fail"
+    fail_dir.mkdir()
+    failing = _dataset(fail_dir, **SMALL_RUN)
 
     first = _snakemake(failing, "--keep-going", "--retries", "0", env={FAIL_ENV: "u000-t00002"})
     assert first.returncode != 0
@@ -351,9 +372,43 @@ def test_failed_tile_is_reported_and_its_batch_rerun_alone(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert _job_counts(second.stderr).get("fit") == 1, second.stderr  # exactly one fit job
     assert (tiles / "b0.npz").stat().st_mtime_ns == mtime
-    a = tifffile.imread(clean_dir / "out" / "input.tif")
-    b = tifffile.imread(fail_dir / "out" / "input.tif")
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(tifffile.imread(clean_run), tifffile.imread(fail_dir / "out" / "input.tif"))
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_bits(tmp_path, clean_run):
+    """Snakemake and its jobs killed (-9) while tiles are being fitted; --unlock, then the
+    same command with --rerun-incomplete finishes and gives the clean run's bits."""
+    import signal
+    import time
+
+    killed_dir = tmp_path / "killed"
+    killed_dir.mkdir()
+    killed = _dataset(killed_dir, **SMALL_RUN)
+    command = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(killed_dir),
+               "--configfile", str(killed), "--cores", "2"]  # fmt: skip
+    tiles = killed_dir / "out" / "work" / "tiles"
+    log = killed_dir / "snakemake.log"
+    with log.open("w") as sink:
+        run = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while "(Rule: fit)" not in log.read_text() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until Snakemake has registered the first fit job as finished
+    assert run.poll() is None, "the run ended before it could be killed mid-fit"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    done = len(list(tiles.glob("*.npz")))
+    assert done == 1, done  # killed mid-fit: one of the 2 batches done, the other not
+
+    locked = _snakemake(killed, "--rerun-incomplete")
+    assert locked.returncode != 0 and "cannot be locked" in locked.stderr + locked.stdout
+    assert _snakemake(killed, "--unlock").returncode == 0
+    resumed = _snakemake(killed, "--rerun-incomplete")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _job_counts(resumed.stderr).get("fit") == 1, resumed.stderr  # the finished batch is kept
+    np.testing.assert_array_equal(
+        tifffile.imread(clean_run), tifffile.imread(killed_dir / "out" / "input.tif")
+    )
 
 
 def _job_counts(log: str) -> dict[str, int]:
