@@ -492,3 +492,51 @@ def test_every_shipped_config_plans(tmp_path, path):
     assert run.returncode == 0, run.stdout[-1500:] + run.stderr[-1500:]
     counts = _job_counts(run.stdout)
     assert counts.get("fit", 0) >= 1 and counts.get("stitch", 0) >= 1, run.stdout[-1500:]
+
+
+def test_the_plan_is_written_once_and_read_without_opening_the_inputs(tmp_path, monkeypatch):
+    from cider import io
+    from cider.workflow import plan as planning
+
+    config = validate_config(yaml.safe_load(_dataset(tmp_path, (60, 60), 1.2, 32).read_text()))
+    made = make_plan(config)
+    stored = json.loads((tmp_path / "out" / "work" / "plan.json").read_text())
+    assert [t["id"] for t in stored["plan"]["tiles"]] == [t.id for t in made.tiles]
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an input was opened although the stored plan is valid")
+
+    planning._stored_plan.cache_clear(), planning._cached_plan.cache_clear()  # a new process
+    monkeypatch.setattr(io, "image_shape", no_reading)
+    monkeypatch.setattr(io, "check_complete", no_reading)
+    assert make_plan(config) == made
+    monkeypatch.undo()
+
+    image = tifffile.imread(tmp_path / "input.tif")
+    tifffile.imwrite(tmp_path / "input.tif", image[:, :50])  # the input changes after planning
+    with pytest.raises(
+        CiderError, match=r"input.tif: changed after the tile plan was made .*run snakemake again"
+    ):
+        made.check_input(str(tmp_path / "input.tif"))
+    planning._stored_plan.cache_clear(), planning._cached_plan.cache_clear()
+    replanned = make_plan(config)  # the next run replans
+    assert replanned.units[0].shape == (60, 50)
+    replanned.check_input(str(tmp_path / "input.tif"))
+
+
+def test_a_folder_of_1200_images_plans_with_scaling_ids(tmp_path):
+    """Unit ids grow past u999 (u1000, u1199) and Snakemake's DAG accepts them."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(1200):
+        tifffile.imwrite(folder / f"img{number:04d}.tif", rng.random((16, 16), dtype=np.float32))
+    config = _minimal() | {"input": {"path": str(folder), "axes": "YX", "voxel_size": [1, 1]}}
+    config |= {"output_dir": str(tmp_path / "out"), "psf": {"gaussian_sigma": 0.7}}
+    plan = make_plan(validate_config(config))
+    assert len(plan.units) == 1200 and plan.units[-1].id == "u1199" and plan.units[1000].id == "u1000"
+    assert len(plan.batches) == 150  # 1,200 same-shape single-tile images in batches of 8
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = _snakemake(tmp_path / "config.yaml", "-n")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert _job_counts(run.stdout)["background"] == 1200 and _job_counts(run.stdout)["fit"] == 150

@@ -63,7 +63,7 @@ class Tile:
 
 
 def unit_name(unit: int) -> str:
-    """Name of image number ``unit`` (``u000``); the prefix of its tiles' ids."""
+    """Name of image number ``unit`` (``u000``, ``u999``, ``u1000``…); the prefix of its tiles' ids."""
     return f"u{unit:03d}"
 
 

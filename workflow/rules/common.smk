@@ -18,7 +18,7 @@ ENV = "../../envs/cider.yaml"
 
 wildcard_constraints:
     batch=r"b\d+",
-    unit=r"u\d{3}",
+    unit=r"u\d+",
     name=r"[^/]+",
 
 

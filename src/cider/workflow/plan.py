@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -31,6 +31,10 @@ class Paths:
 
     def prepared(self) -> Path:
         return self.work / "prepared.json"
+
+    def plan(self) -> Path:
+        """The tile plan, written once (see :func:`make_plan`)."""
+        return self.work / "plan.json"
 
     def background(self, unit: str) -> Path:
         return self.work / "background" / f"{unit}.npy"
@@ -92,6 +96,64 @@ class Plan:
     psf_shape: tuple[int, ...]
     margin: tuple[int, ...]
     blend: tuple[int, ...]
+    inputs: tuple[tuple[str, tuple[int, int]], ...] = ()  # (file, fingerprint) of every input
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (what ``plan.json`` holds)."""
+        return {
+            "units": [u.__dict__ | {"index": list(u.index), "shape": list(u.shape)} for u in self.units],
+            "tiles": [t.to_dict() for t in self.tiles],
+            "batches": [{"id": b.id, "tiles": list(b.tiles)} for b in self.batches],
+            "names": list(self.names),
+            "psf_shape": list(self.psf_shape),
+            "margin": list(self.margin),
+            "blend": list(self.blend),
+            "inputs": {file: list(print_) for file, print_ in self.inputs},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        """Inverse of :meth:`to_dict`."""
+        units = tuple(
+            Unit(u["id"], u["name"], u["file"], tuple(u["index"]), tuple(u["shape"])) for u in data["units"]
+        )
+        tiles = tuple(
+            Tile(
+                t["id"],
+                t["unit"],
+                tuple(t["grid_index"]),
+                tuple(tuple(w) for w in t["core"]),
+                tuple(tuple(w) for w in t["padded"]),
+            )
+            for t in data["tiles"]
+        )
+        batches = tuple(Batch(b["id"], tuple(b["tiles"])) for b in data["batches"])
+        inputs = tuple((file, tuple(print_)) for file, print_ in data["inputs"].items())
+        return cls(
+            units,
+            tiles,
+            batches,
+            tuple(data["names"]),
+            tuple(data["psf_shape"]),
+            tuple(data["margin"]),
+            tuple(data["blend"]),
+            inputs,
+        )
+
+    def check_input(self, file: str) -> None:
+        """Refuse to read an input that changed after the plan was made (size or time).
+
+        Raises
+        ------
+        CiderError
+            Naming the file and what to do.
+        """
+        expected = dict(self.inputs).get(file)
+        if expected is not None and fingerprint(file) != expected:
+            raise CiderError(
+                f"{file}: changed after the tile plan was made (size/modification time differ from "
+                "work/plan.json); run snakemake again: it replans and redoes what depends on the file"
+            )
 
     def tile(self, tile_id: str) -> Tile:
         return self._tiles_by_id[tile_id]
@@ -333,6 +395,54 @@ def per_axis(value, ndim: int, key: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+PLAN_KEYS = ("input", "psf", "tiling", "fit", "output_dir", "work_dir")  # the config the plan depends on
+
+
 def make_plan(config: dict) -> Plan:
-    """Units, tiles, PSF shape, margin and blend width (cached per config)."""
-    return _cached_plan(json.dumps(config, sort_keys=True, default=str))
+    """Units, tiles, batches, PSF shape, margin and blend width: made once, then read.
+
+    The plan is written to ``work/plan.json`` with the settings it was made from and a
+    fingerprint (size, modification time) of every input file. Later calls — every job
+    of the run, and the next run — read it instead of opening every input again, as long
+    as the settings, the list of input files and their fingerprints are unchanged (a
+    ``stat`` per file); otherwise the plan is made anew and rewritten. Cached per process.
+    """
+    settings = {key: config.get(key) for key in PLAN_KEYS}
+    return _stored_plan(json.dumps(settings, sort_keys=True, default=str))
+
+
+def fingerprint(file: str) -> tuple[int, int]:
+    """(size, modification time in ns) of an input; for a Zarr folder, of its metadata."""
+    path = Path(file)
+    if path.is_dir():
+        path = next(
+            (path / m for m in ("zarr.json", ".zattrs", ".zarray", ".zgroup") if (path / m).exists()), path
+        )
+    stat = path.stat()
+    return (int(stat.st_size), int(stat.st_mtime_ns))
+
+
+def _sources(settings: dict) -> list[str]:
+    """The files a plan depends on: the inputs and the PSF file, if any."""
+    psf_file = (settings.get("psf") or {}).get("file")
+    return input_files(settings) + ([psf_file] if psf_file else [])
+
+
+@lru_cache(maxsize=8)
+def _stored_plan(settings_json: str) -> Plan:
+    settings = json.loads(settings_json)
+    store = paths(settings).plan()
+    sources = _sources(settings)
+    if store.exists():
+        try:
+            stored = json.loads(store.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        if stored.get("settings") == settings and list(stored["plan"]["inputs"]) == sources:
+            plan = Plan.from_dict(stored["plan"])
+            if all(fingerprint(file) == print_ for file, print_ in plan.inputs):
+                return plan
+    plan = _cached_plan(settings_json)
+    plan = replace(plan, inputs=tuple((file, fingerprint(file)) for file in sources))
+    io.atomic_write_json(store, {"settings": settings, "plan": plan.to_dict()})
+    return plan

@@ -53,6 +53,7 @@ def run_prepare(config: dict) -> None:
     root = zarr.open_group(str(p.input_zarr()), mode="w")
     chunks = per_axis(config["tiling"]["tile_size"], len(plan.psf_shape), "tiling.tile_size")
     for unit in plan.units:
+        plan.check_input(unit.file)
         data = _read_unit(unit, config)
         if not np.all(np.isfinite(data)):
             raise CiderError(f"{unit.file} (unit {unit.id}, index {unit.index}): contains NaN/inf values")
