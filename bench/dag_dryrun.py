@@ -1,9 +1,16 @@
-"""How long Snakemake takes to build the DAG of a 10,000-tile dataset (dry run).
+"""How long Snakemake takes to plan and build the DAG of large datasets (dry runs).
 
-    python bench/dag_dryrun.py            # writes bench/results/dag_dryrun.json
+    python bench/dag_dryrun.py            # writes bench/results/dag_dryrun.{json,md}
 
-The input is a 6400 × 6400 Zarr array with 64-px tiles (100 × 100 = 10,000 tiles in
-1,250 fit jobs of 8); only its metadata is written, so the benchmark needs no disk space.
+Cases (only metadata or tiny files are written, so no disk space is needed):
+
+- ``volume_10k``: a 6400 × 6400 Zarr array with 64-px tiles (10,000 tiles);
+- ``volume_100k``: a 20,480 × 20,480 Zarr array with 64-px tiles (102,400 tiles);
+- ``folder_20k``: a folder of 20,000 small TIFF images (48 × 64 px, one tile each).
+
+Each is dry-run twice: the first run plans (opens every input, writes ``work/plan.json``),
+the second reads the stored plan (one ``stat`` per input). The job counts are what a
+real run would submit before SLURM grouping (``group-components``).
 """
 
 from __future__ import annotations
@@ -16,38 +23,99 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import tifffile
 import yaml
 import zarr
 
-from cider.workflow import make_plan, validate_config
-
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def _volume(folder: Path, side: int) -> dict:
+    zarr.create_array(str(folder / "big.zarr"), shape=(side, side), chunks=(64, 64), dtype="uint16")
+    return {"path": str(folder / "big.zarr"), "axes": "YX", "voxel_size": [0.1, 0.1]}
+
+
+def _folder(folder: Path, count: int) -> dict:
+    images = folder / "images"
+    images.mkdir()
+    tile = (np.random.default_rng(0).random((48, 64)) * 200).astype(np.uint8)
+    for number in range(count):
+        tifffile.imwrite(images / f"img{number:06d}.tif", tile)
+    return {"path": str(images), "axes": "YX", "voxel_size": [0.34, 0.34]}
+
+
+def _job_counts(log: str) -> dict[str, int]:
+    counts = {}
+    for line in log.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[1].isdigit() and words[0].isidentifier():
+            counts[words[0]] = int(words[1])
+    return counts
+
+
+def _dry_run(folder: Path) -> tuple[float, dict[str, int]]:
+    command = [
+        *(sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile")),
+        *("--directory", str(folder), "--configfile", str(folder / "config.yaml"), "--cores", "2"),
+    ]
+    start = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if run.returncode:
+        raise SystemExit(run.stderr[-2000:])
+    return seconds, _job_counts(run.stdout)
+
+
+def case(name: str, make_input, size: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        config = {
+            "name": name,
+            "input": make_input(folder, size),
+            "psf": {"gaussian_sigma": 1.5},
+            "output_dir": str(folder / "out"),
+            "tiling": {"tile_size": 64},
+        }
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        first, counts = _dry_run(folder)
+        second, _ = _dry_run(folder)
+        plan = json.loads((folder / "out" / "work" / "plan.json").read_text())["plan"]
+    return {
+        "units": len(plan["units"]),
+        "tiles": len(plan["tiles"]),
+        "jobs": counts.get("total"),
+        "jobs_by_rule": {k: v for k, v in counts.items() if k != "total"},
+        "dry_run_seconds_planning": round(first, 1),
+        "dry_run_seconds_stored_plan": round(second, 1),
+    }
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        zarr.create_array(str(tmp / "big.zarr"), shape=(6400, 6400), chunks=(64, 64), dtype="float32")
-        config = {"name": "big", "input": {"path": str(tmp / "big.zarr"), "axes": "YX", "voxel_size": [0.1, 0.1]},
-                  "psf": {"gaussian_sigma": 1.5}, "output_dir": str(tmp / "out"), "tiling": {"tile_size": 64}}  # fmt: skip
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config))
-        start = time.perf_counter()
-        plan = make_plan(validate_config(config))
-        plan_seconds = time.perf_counter() - start
-        command = [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "-s", str(ROOT / "Snakefile"),
-                   "--directory", str(tmp), "--configfile", str(tmp / "config.yaml"), "--cores", "2"]  # fmt: skip
-        start = time.perf_counter()
-        run = subprocess.run(command, capture_output=True, text=True)
-        dry_seconds = time.perf_counter() - start
-        if run.returncode:
-            raise SystemExit(run.stderr[-2000:])
-    result = {"tiles": len(plan.tiles), "batches": len(plan.batches), "jobs": len(plan.batches) + 4, "plan_seconds": round(plan_seconds, 2),
-              "dry_run_seconds": round(dry_seconds, 1), "machine": f"{platform.processor() or platform.machine()}, "
-              "2 cores (shared, noisy)", "snakemake_summary": run.stdout.strip().splitlines()[-12:]}  # fmt: skip
-    out = ROOT / "bench" / "results" / "dag_dryrun.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    cases = {
+        "volume_10k": case("volume_10k", _volume, 6400),
+        "volume_100k": case("volume_100k", _volume, 20480),
+        "folder_20k": case("folder_20k", _folder, 20000),
+    }
+    machine = f"{platform.processor() or platform.machine()}, 2 cores (shared, noisy)"
+    result = {"machine": machine, "cases": cases}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "dag_dryrun.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# DAG dry runs ({machine})",
+        "",
+        "| case | units | tiles | jobs | jobs by rule | dry run, planning (s) | dry run, stored plan (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, c in cases.items():
+        by_rule = ", ".join(f"{k} {v}" for k, v in c["jobs_by_rule"].items())
+        lines.append(
+            f"| {name} | {c['units']} | {c['tiles']} | {c['jobs']} | {by_rule} | "
+            f"{c['dry_run_seconds_planning']} | {c['dry_run_seconds_stored_plan']} |"
+        )
+    (RESULTS / "dag_dryrun.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

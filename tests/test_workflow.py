@@ -540,3 +540,33 @@ def test_a_folder_of_1200_images_plans_with_scaling_ids(tmp_path):
     run = _snakemake(tmp_path / "config.yaml", "-n")
     assert run.returncode == 0, run.stderr[-2000:]
     assert _job_counts(run.stdout)["background"] == 1200 and _job_counts(run.stdout)["fit"] == 150
+
+
+@pytest.mark.slow
+def test_a_time_and_channel_file_runs_end_to_end_into_one_ome_zarr(tmp_path):
+    """TCZYX in (2 time points × 2 channels), one TCZYX OME-Zarr out, each unit in its place."""
+    rng = np.random.default_rng(5)
+    units = [[blobs((12, 24, 24), 12, seed=10 * t + c) * 500 + 50 for c in range(2)] for t in range(2)]
+    data = np.asarray(units, dtype=np.float32) + rng.normal(0, 1, (2, 2, 12, 24, 24)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "movie.tif", data)
+    config = {
+        "name": "tczyx",
+        "input": {"path": str(tmp_path / "movie.tif"), "axes": "TCZYX", "voxel_size": [0.5, 0.2, 0.2]},
+        "psf": {"gaussian_sigma": [0.6, 1.0, 1.0]},
+        "output_dir": str(tmp_path / "out"),
+        "tiling": {"tile_size": [12, 24, 24]},
+        "restore": {"iterations": 3, "rl_iterations": 2},
+        "stitch": {"pyramid_levels": 2, "tiff": True},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run = _snakemake(tmp_path / "config.yaml")
+    assert run.returncode == 0, run.stderr[-3000:]
+    group, meta = _read_ome_zarr(tmp_path / "out" / "movie.ome.zarr")
+    assert [a["name"] for a in meta["axes"]] == ["t", "c", "z", "y", "x"]
+    restored = np.asarray(group["0"])
+    assert restored.shape == data.shape and np.all(np.isfinite(restored))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "movie.tif"), restored)
+    flat = data.reshape(4, -1)
+    for number, unit in enumerate(restored.reshape(4, -1)):  # each unit closest to its own input
+        correlations = [np.corrcoef(unit, other)[0, 1] for other in flat]
+        assert int(np.argmax(correlations)) == number, correlations

@@ -21,7 +21,7 @@ import pywt
 
 from .errors import ImageError
 
-__all__ = ["BackgroundConfig", "wavelet_background"]
+__all__ = ["BackgroundConfig", "wavelet_background", "plane_background"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,16 @@ class BackgroundConfig:
     level: int = 7
     iterations: int = 3
     threshold: float = 0.5
+
+
+def plane_background(plane: np.ndarray, config: BackgroundConfig, peak: float) -> np.ndarray:
+    """Background of one 2D plane, with the threshold applied to ``plane / peak``.
+
+    ``peak`` is the largest absolute value of the whole image (2D) or volume, so that the
+    planes of a volume processed one at a time get what :func:`wavelet_background` gives.
+    """
+    plane = np.asarray(plane, dtype=np.float64)
+    return _plane_background(plane / peak, config) * peak
 
 
 def _plane_background(plane: np.ndarray, cfg: BackgroundConfig) -> np.ndarray:

@@ -36,10 +36,11 @@ def _check_exists(path: Path, what: str) -> None:
 
 
 def open_array(path: str | Path, what: str = "image"):
-    """Open an image lazily where the format allows it (Zarr, OME-Zarr, NPY memory map).
+    """Open an image lazily where the format allows it (TIFF, Zarr, OME-Zarr, NPY).
 
-    OME-Zarr groups open their full-resolution level (``0``). TIFF and PNG are read into
-    memory. Returns an array-like with ``.shape``, ``.dtype`` and numpy slicing.
+    TIFF opens as a Zarr view of its pages/strips (tifffile ``aszarr``): slicing reads
+    only what it needs. OME-Zarr groups open their full-resolution level (``0``). PNG is
+    read into memory. Returns an array-like with ``.shape``, ``.dtype`` and numpy slicing.
     """
     path = Path(path)
     _check_exists(path, what)
@@ -58,8 +59,9 @@ def open_array(path: str | Path, what: str = "image"):
             return np.load(path, mmap_mode="r")
         if suffix in (".tif", ".tiff"):
             import tifffile
+            import zarr
 
-            return tifffile.imread(path)
+            return zarr.open(tifffile.imread(path, aszarr=True), mode="r")  # pages read on slicing
         if suffix == ".png":
             from PIL import Image
 
@@ -328,7 +330,7 @@ def write_ome_zarr(
     levels: int = 3,
     chunks: Sequence[int] | None = None,
 ) -> None:
-    """Write an OME-Zarr (NGFF 0.4) image with a multiscale pyramid, atomically.
+    """Write an in-memory image as OME-Zarr with a multiscale pyramid, atomically.
 
     Parameters
     ----------
@@ -341,62 +343,121 @@ def write_ome_zarr(
     voxel_size : sequence of float
         Physical size (µm) of the spatial axes, in the order they appear in ``axes``.
     levels : int
-        Pyramid levels; each halves Y and X (and Z when it is at least as finely
-        sampled as X after halving).
+        Pyramid levels (see :func:`finish_ome_zarr`).
     chunks : sequence of int, optional
-        Chunk shape of level 0.
+        Chunk shape of level 0 (default: the whole array).
     """
-    from ome_zarr.io import parse_url
-    from ome_zarr.writer import write_multiscale
+    array = np.asarray(array)
+    level0 = create_ome_zarr(path, array.shape, array.dtype, axes, chunks or array.shape)
+    level0[...] = array
+    finish_ome_zarr(path, axes, voxel_size, levels)
 
-    path = Path(path)
-    axes = axes.upper()
+
+def _staging(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def create_ome_zarr(path: str | Path, shape: Sequence[int], dtype, axes: str, chunks: Sequence[int]):
+    """Start an OME-Zarr image: returns its level-0 Zarr array, to be filled block by block.
+
+    It is written under a temporary name beside ``path``; :func:`finish_ome_zarr` (same
+    process) adds the pyramid and the metadata and renames it into place, so a killed
+    job never leaves an OME-Zarr that looks complete.
+    """
+    import zarr
+
+    staging = _staging(Path(path))
+    if staging.exists():
+        shutil.rmtree(staging)
+    root = zarr.open_group(str(staging), mode="w")
+    chunks = tuple(min(int(c), int(n)) for c, n in zip(chunks, shape))
+    names = [a.lower() for a in axes.upper()]
+    return root.create_array("0", shape=tuple(shape), chunks=chunks, dtype=dtype, dimension_names=names)
+
+
+def finish_ome_zarr(path: str | Path, axes: str, voxel_size: Sequence[float], levels: int = 3) -> None:
+    """Build the pyramid chunk by chunk, write the NGFF metadata and move the image into place.
+
+    Each level halves Y and X (and Z while it stays at least as finely sampled as X) by
+    block averaging, computed with dask from the level before it, so memory is bounded by
+    the chunks. Every level gets its ``scale`` and the ``translation`` of its first voxel's
+    centre ((factor − 1) / 2 voxels of level 0), so viewers overlay the levels exactly.
+    """
+    import dask.array as da
+    import zarr
+    from ome_zarr.writer import write_multiscales_metadata
+
+    path, axes = Path(path), axes.upper()
     spatial = [a for a in axes if a in "ZYX"]
     if len(voxel_size) != len(spatial):
         raise ValueError(
             f"OME-Zarr {path}: {len(spatial)} spatial axes in {axes!r} but voxel_size {voxel_size}"
         )
-    units = {"Z": "micrometer", "Y": "micrometer", "X": "micrometer"}
-    axes_meta = [
-        {"name": a.lower(), "type": "space" if a in "ZYX" else ("channel" if a == "C" else "time"),
-         **({"unit": units[a]} if a in "ZYX" else {})}
-        for a in axes
-    ]  # fmt: skip
-    pyramid, transforms, factors = [np.asarray(array)], [], [1.0] * len(axes)
-    size = dict(zip(spatial, voxel_size))
-    for level in range(levels):
-        scale = [size[a] * factors[i] if a in "ZYX" else 1.0 for i, a in enumerate(axes)]
-        transforms.append([{"type": "scale", "scale": scale}])
-        if level == levels - 1:
-            break
+    size = dict(zip(spatial, (float(v) for v in voxel_size)))
+    staging = _staging(path)
+    root = zarr.open_group(str(staging), mode="r+")
+    level0 = root["0"]
+    factors = [1] * len(axes)
+    datasets = [_dataset_metadata("0", axes, size, factors)]
+    previous = level0
+    for number in range(1, levels):
         step = [1] * len(axes)
+        current = {a: size[a] * factors[i] for i, a in enumerate(axes) if a in size}
         for i, a in enumerate(axes):
-            if a in "YX" or (
-                a == "Z" and size["Z"] * factors[i] * 2 <= size["X"] * factors[axes.index("X")] * 2
-            ):
-                step[i] = 2 if pyramid[-1].shape[i] >= 2 else 1
+            halve = a in "YX" or (a == "Z" and current["Z"] <= current["X"])
+            if halve and previous.shape[i] >= 2:
+                step[i] = 2
+        coarse = _block_mean(da.from_zarr(previous), step)
+        chunks = tuple(min(c, n) for c, n in zip(level0.chunks, coarse.shape))
+        names = [a.lower() for a in axes]
+        array = root.create_array(
+            str(number), shape=coarse.shape, chunks=chunks, dtype=level0.dtype, dimension_names=names
+        )
+        da.store(coarse.rechunk(chunks), array, lock=False)
         factors = [f * s for f, s in zip(factors, step)]
-        pyramid.append(_downsample(pyramid[-1], step))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    store = parse_url(str(tmp), mode="w").store
-    import zarr
-
-    root = zarr.group(store=store)
-    storage = {"chunks": tuple(chunks)} if chunks else None
-    write_multiscale(
-        pyramid, root, axes=axes_meta, coordinate_transformations=transforms, storage_options=storage
-    )
+        datasets.append(_dataset_metadata(str(number), axes, size, factors))
+        previous = array
+    axes_meta = [
+        {"name": a.lower(), "type": "space", "unit": "micrometer"}
+        if a in "ZYX"
+        else {"name": a.lower(), "type": "channel" if a == "C" else "time"}
+        for a in axes
+    ]
+    write_multiscales_metadata(root, datasets, axes=axes_meta)
     if path.exists():
         shutil.rmtree(path)
-    os.replace(tmp, path)
+    os.replace(staging, path)
 
 
-def _downsample(array: np.ndarray, step: Sequence[int]) -> np.ndarray:
-    """Block-average by integer ``step`` per axis (trailing remainder dropped)."""
-    trimmed = array[tuple(slice(0, (n // s) * s) for n, s in zip(array.shape, step))]
-    shape: list[int] = []
-    for n, s in zip(trimmed.shape, step):
-        shape += [n // s, s]
-    return trimmed.reshape(shape).mean(axis=tuple(range(1, 2 * len(step), 2))).astype(array.dtype)
+def _dataset_metadata(name: str, axes: str, size: dict[str, float], factors: Sequence[int]) -> dict:
+    scale = [round(size[a] * f, 12) if a in size else 1.0 for a, f in zip(axes, factors)]
+    translation = [round(size[a] * (f - 1) / 2, 12) if a in size else 0.0 for a, f in zip(axes, factors)]
+    transforms = [{"type": "scale", "scale": scale}]
+    if any(translation):
+        transforms.append({"type": "translation", "translation": translation})
+    return {"path": name, "coordinateTransformations": transforms}
+
+
+def _block_mean(array, step: Sequence[int]):
+    """Dask block average by integer ``step`` per axis (a trailing remainder is dropped)."""
+    import dask.array as da
+
+    chunks = tuple(max(s, (c // s) * s) for c, s in zip(array.chunksize, step))
+    trimmed = array[tuple(slice(0, (n // s) * s) for n, s in zip(array.shape, step))].rechunk(chunks)
+    mean = da.coarsen(np.mean, trimmed, {i: s for i, s in enumerate(step) if s > 1}, trim_excess=True)
+    return mean.astype(array.dtype)
+
+
+def write_tiff_pages(path: str | Path, array) -> None:
+    """Write an array-like (e.g. a Zarr array larger than memory) as a multi-page TIFF,
+    one 2D page at a time, atomically (BigTIFF when it needs more than 4 GB)."""
+    import tifffile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    outer = array.shape[:-2]
+    pages = (np.asarray(array[index]) for index in np.ndindex(*outer))
+    big = array.size * np.dtype(array.dtype).itemsize > 2**32 - 2**25
+    tifffile.imwrite(staging, data=pages, shape=array.shape, dtype=array.dtype, bigtiff=big)
+    os.replace(staging, path)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["NoiseModel", "estimate_noise"]
+__all__ = ["NoiseModel", "estimate_noise", "haar_samples", "fit_noise"]
 
 MAD_TO_SIGMA = 1.4826
 
@@ -52,8 +52,9 @@ class NoiseModel:
         return NoiseModel(self.gain * factor, self.floor * factor**2)
 
 
-def _haar_diagonal(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Diagonal Haar coefficients and local means of the 2 × 2 blocks of the last two axes."""
+def haar_samples(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Diagonal Haar coefficients and local means of the 2 × 2 blocks of the last two axes
+    (the samples :func:`fit_noise` fits; gather them plane by plane for a large volume)."""
     ny, nx = (n - n % 2 for n in image.shape[-2:])
     x = image[..., :ny, :nx]
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]
@@ -81,8 +82,18 @@ def estimate_noise(image: np.ndarray, bins: int = 12, min_count: int = 64) -> No
         model never claims noise-free data.
     """
     image = np.asarray(image, dtype=np.float64)
-    detail, mean = _haar_diagonal(image)
-    scale = max(float(np.ptp(image)), 1e-12)
+    detail, mean = haar_samples(image)
+    return fit_noise(detail, mean, float(np.ptp(image)), bins, min_count)
+
+
+def fit_noise(
+    detail: np.ndarray, mean: np.ndarray, value_range: float, bins: int = 12, min_count: int = 64
+) -> NoiseModel:
+    """The fit of :func:`estimate_noise` from Haar samples (:func:`haar_samples`).
+
+    ``value_range`` is the image's max − min (it sets the smallest floor allowed).
+    """
+    scale = max(value_range, 1e-12)
     if detail.size < 2 * min_count:
         sigma = MAD_TO_SIGMA * float(np.median(np.abs(detail - np.median(detail)))) if detail.size else 0.0
         return NoiseModel(0.0, max(sigma**2, (1e-6 * scale) ** 2))

@@ -11,13 +11,24 @@ exactly 1 at every pixel (a product of 1D partitions of unity).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Tile", "unit_name", "tile_grid", "minimum_margin", "tile_weights", "stitch", "cut"]
+__all__ = [
+    "Tile",
+    "unit_name",
+    "tile_grid",
+    "minimum_margin",
+    "tile_weights",
+    "stitch",
+    "stitch_block",
+    "block_grid",
+    "cut",
+]
 
 Window = tuple[tuple[int, int], ...]
 
@@ -142,15 +153,18 @@ def _ramp(x: np.ndarray, centre: float, blend: int) -> np.ndarray:
     return t * t * (3 - 2 * t)
 
 
-def tile_weights(tile: Tile, shape: Sequence[int], blend: Sequence[int]) -> np.ndarray:
+def tile_weights(
+    tile: Tile, shape: Sequence[int], blend: Sequence[int], window: Window | None = None
+) -> np.ndarray:
     """Blend weights over the tile's padded window (summing to 1 across all tiles).
 
     Along each axis the weight rises across the tile's lower core boundary and falls
     across its upper one (not at the image border); the pixel centre ``c - 0.5`` sits
-    between the last pixel of one core and the first of the next.
+    between the last pixel of one core and the first of the next. ``window`` (image
+    coordinates, inside the padded window) gives the same values over that part only.
     """
     profiles = []
-    for (lo, hi), (plo, phi), b, n in zip(tile.core, tile.padded, blend, shape):
+    for (lo, hi), (plo, phi), b, n in zip(tile.core, window or tile.padded, blend, shape):
         x = np.arange(plo, phi, dtype=np.float64)
         w = np.ones_like(x)
         if lo > 0:
@@ -176,10 +190,11 @@ def stitch(
     blend: Sequence[int],
     dtype: np.dtype = np.float32,
 ) -> np.ndarray:
-    """Blend restored padded tiles into one image.
+    """Blend restored padded tiles into one image (the whole image in memory).
 
     Accumulates in float64 and casts once at the end, so that tiles equal to the input
-    (identity processing) give back a float32 input bit for bit.
+    (identity processing) give back a float32 input bit for bit. For images larger than
+    memory, :func:`stitch_block` makes the same values one block at a time.
 
     Parameters
     ----------
@@ -194,12 +209,46 @@ def stitch(
     dtype : numpy dtype
         Output dtype.
     """
-    total = np.zeros(tuple(shape), dtype=np.float64)
+    whole = tuple((0, int(n)) for n in shape)
+    return stitch_block(tiles, read_tile, shape, blend, whole, dtype)
+
+
+def stitch_block(
+    tiles: Sequence[Tile],
+    read_tile: Callable[[Tile], np.ndarray],
+    shape: Sequence[int],
+    blend: Sequence[int],
+    block: Window,
+    dtype: np.dtype = np.float32,
+) -> np.ndarray:
+    """The blended image inside ``block`` (a window of the image), from only the tiles
+    whose padded window meets it.
+
+    Every pixel sums the same products in the same tile order as a whole-image stitch,
+    so the blocks of a partition put together equal :func:`stitch` bit for bit. Memory:
+    the block plus one padded tile.
+    """
+    total = np.zeros(tuple(b - a for a, b in block), dtype=np.float64)
     for tile in tiles:
-        data = np.asarray(read_tile(tile), dtype=np.float64)
+        overlap = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(tile.padded, block)]
+        if any(low >= high for low, high in overlap):
+            continue
+        data = read_tile(tile)
         if data.shape != tile.padded_shape:
             raise ValueError(
                 f"tile {tile.id}: restored shape {data.shape} != padded window {tile.padded_shape}"
             )
-        total[tile.slices()] += tile_weights(tile, shape, blend) * data
+        source = tuple(slice(low - a, high - a) for (low, high), (a, _) in zip(overlap, tile.padded))
+        target = tuple(slice(low - c, high - c) for (low, high), (c, _) in zip(overlap, block))
+        part = np.asarray(data[source], dtype=np.float64)
+        total[target] += tile_weights(tile, shape, blend, tuple(overlap)) * part
     return total.astype(dtype)
+
+
+def block_grid(shape: Sequence[int], block: Sequence[int]) -> list[Window]:
+    """Windows of size ``block`` (smaller at the far edges) that partition ``shape``."""
+    starts = [range(0, n, b) for n, b in zip(shape, block)]
+    return [
+        tuple((a, min(a + b, n)) for a, b, n in zip(corner, block, shape))
+        for corner in itertools.product(*starts)
+    ]

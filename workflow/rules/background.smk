@@ -5,6 +5,8 @@ rule background:
         **background_outputs(),
     log:
         str(LOGS / "background" / "{unit}.log"),
+    benchmark:
+        str(BENCH / "background" / "{unit}.tsv")
     conda:
         ENV
     resources:

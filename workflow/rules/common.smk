@@ -12,6 +12,8 @@ config.update(validate_config(config))
 PLAN = make_plan(config)
 PATHS = paths(config)
 LOGS = PATHS.work / "logs"
+# wall time and max RSS of every job (Snakemake benchmark files)
+BENCH = PATHS.work / "benchmarks"
 BATCHES = [b.id for b in PLAN.batches]
 ENV = "../../envs/cider.yaml"
 
@@ -51,7 +53,7 @@ def background_outputs():
     """Intensity range always; the background array only when background removal is on."""
     outputs = {"intensity": str(PATHS.intensity("{unit}"))}
     if config["background"]["enabled"]:
-        outputs["background"] = str(PATHS.background("{unit}"))
+        outputs["background"] = directory(str(PATHS.background("{unit}")))
     return outputs
 
 

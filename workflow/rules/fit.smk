@@ -10,6 +10,8 @@ rule fit:
         metrics=str(PATHS.metrics("{batch}")),
     log:
         str(LOGS / "fit" / "{batch}.log"),
+    benchmark:
+        str(BENCH / "fit" / "{batch}.tsv")
     group:
         "restore"
     conda:

@@ -6,6 +6,8 @@ rule prepare:
         summary=str(PATHS.prepared()),
     log:
         str(LOGS / "prepare.log"),
+    benchmark:
+        str(BENCH / "prepare.tsv")
     conda:
         ENV
     params:

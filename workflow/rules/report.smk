@@ -6,6 +6,8 @@ rule report:
         html=str(PATHS.report()),
     log:
         str(LOGS / "report.log"),
+    benchmark:
+        str(BENCH / "report.tsv")
     localrule: True
     conda:
         ENV

@@ -5,6 +5,8 @@ rule stitch:
         **stitch_outputs(),
     log:
         str(LOGS / "stitch" / "{name}.log"),
+    benchmark:
+        str(BENCH / "stitch" / "{name}.tsv")
     conda:
         ENV
     resources:

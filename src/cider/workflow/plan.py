@@ -37,7 +37,8 @@ class Paths:
         return self.work / "plan.json"
 
     def background(self, unit: str) -> Path:
-        return self.work / "background" / f"{unit}.npy"
+        """The unit's wavelet background (Zarr array, chunked like the input)."""
+        return self.work / "background" / f"{unit}.zarr"
 
     def intensity(self, unit: str) -> Path:
         return self.work / "background" / f"{unit}.json"

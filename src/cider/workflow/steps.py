@@ -6,6 +6,7 @@ leaves a file that looks complete.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -14,10 +15,10 @@ import time
 import numpy as np
 
 from .. import io
-from ..background import BackgroundConfig, wavelet_background
+from ..background import BackgroundConfig
 from ..errors import CiderError
-from ..noise import NoiseModel, estimate_noise
-from ..tiling import Tile, stitch
+from ..noise import NoiseModel
+from ..tiling import Tile, block_grid, stitch_block
 from .plan import Unit, make_plan, make_psf, paths, per_axis
 
 FAIL_ENV = "CIDER_FAIL_TILES"  # comma-separated tile ids whose batch fails (fault injection for tests)
@@ -31,34 +32,66 @@ def _restore_config(config: dict, device: str | None = None):
     return RestoreConfig(normalize=True, **r)
 
 
-def _read_unit(unit: Unit, config: dict) -> np.ndarray:
+def _source(unit: Unit, config: dict):
+    """The unit inside its input file, as a lazy array-like (nothing read yet)."""
     axes = config["input"]["axes"].upper()
     index, outer = [], iter(unit.index)
     for a in axes:
         index.append(next(outer) if a in "TC" else slice(None))
-    try:
-        return np.asarray(io.open_array(unit.file)[tuple(index)], dtype=np.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise CiderError(
-            f"{unit.file} (unit {unit.id}, index {unit.index}): cannot read it ({err}); the file may be "
-            "damaged or have changed since planning: check it, then rerun"
-        ) from err
+    return io.open_array(unit.file), tuple(index)
+
+
+def _slabs(shape: tuple[int, ...], planes: int) -> list[slice]:
+    """Runs of at most ``planes`` leading-axis planes covering a 3D shape; one for 2D."""
+    if len(shape) == 2:
+        return [slice(None)]
+    return [slice(z, min(z + planes, shape[0])) for z in range(0, shape[0], planes)]
+
+
+def _bands(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """Chunk rows: windows of one chunk in every axis but the last (X), which is whole."""
+    windows = itertools.product(*(range(0, n, c) for n, c in zip(shape[:-1], chunks[:-1])))
+    return [tuple(slice(a, min(a + c, n)) for a, c, n in zip(w, chunks, shape)) for w in windows]
 
 
 def run_prepare(config: dict) -> None:
-    """Copy every unit into ``input.zarr`` (float32, chunked on the tile grid)."""
+    """Copy every unit into ``input.zarr``, one row of chunks at a time, in the input's dtype.
+
+    Chunks: the tile size in Y and X, one plane in Z (the background rule reads and
+    writes plane by plane). Memory: one row of chunks (a tile's height of one plane in
+    3D, of the image in 2D). Integer inputs stay integer (uint16 stays uint16).
+    """
     import zarr
 
     plan, p = make_plan(config), paths(config)
     root = zarr.open_group(str(p.input_zarr()), mode="w")
-    chunks = per_axis(config["tiling"]["tile_size"], len(plan.psf_shape), "tiling.tile_size")
+    tile = per_axis(config["tiling"]["tile_size"], len(plan.psf_shape), "tiling.tile_size")
+    chunks = (1, *tile[1:]) if len(tile) == 3 else tile  # one plane deep: the background goes by plane
     for unit in plan.units:
         plan.check_input(unit.file)
-        data = _read_unit(unit, config)
-        if not np.all(np.isfinite(data)):
-            raise CiderError(f"{unit.file} (unit {unit.id}, index {unit.index}): contains NaN/inf values")
-        array = root.create_array(unit.id, shape=data.shape, chunks=chunks, dtype="float32", overwrite=True)
-        array[...] = data
+        try:
+            source, index = _source(unit, config)
+            dtype = np.dtype(source.dtype)
+            if not (np.issubdtype(dtype, np.integer) or dtype in (np.float32, np.float64)):
+                dtype = np.dtype(np.float32)
+            array = root.create_array(unit.id, shape=unit.shape, chunks=chunks, dtype=dtype, overwrite=True)
+            outer = index[: len(index) - len(unit.shape)]
+            for band in _bands(unit.shape, chunks):
+                data = np.asarray(source[(*outer, *band)])
+                if not np.all(np.isfinite(data)):
+                    where = ", ".join(f"{w.start}–{w.stop}" for w in band)
+                    raise CiderError(
+                        f"{unit.file} (unit {unit.id}, index {unit.index}): contains NaN/inf values "
+                        f"(in the window {where}); fix or mask them before restoring"
+                    )
+                array[band] = data
+        except (OSError, KeyError, ValueError) as err:
+            if isinstance(err, CiderError):
+                raise
+            raise CiderError(
+                f"{unit.file} (unit {unit.id}, index {unit.index}): cannot read it ({err}); the file may be "
+                "damaged or have changed since planning: check it, then rerun"
+            ) from err
     summary = {"units": [u.__dict__ | {"index": list(u.index), "shape": list(u.shape)} for u in plan.units],
                "tiles": len(plan.tiles), "psf_shape": list(plan.psf_shape), "margin": list(plan.margin),
                "blend": list(plan.blend)}  # fmt: skip
@@ -71,44 +104,106 @@ def unit_array(config: dict, unit_id: str):
     return zarr.open_array(str(paths(config).input_zarr() / unit_id), mode="r")
 
 
-def run_background(config: dict, unit_id: str) -> None:
-    """Background, intensity scale and noise model of one whole unit (once, so tiles agree)."""
-    p = paths(config)
-    data = np.asarray(unit_array(config, unit_id)[...], dtype=np.float64)
-    bg_cfg = config["background"]
-    if bg_cfg["enabled"]:
-        background = wavelet_background(data, BackgroundConfig(**bg_cfg))
-        io.atomic_write_npy(p.background(unit_id), background.astype(np.float32))
-        data = data - background
-    from ..restore import intensity_scale
+NOISE_SAMPLES = 4_000_000  # Haar samples (2 × 2 blocks) the noise fit uses at most per unit
 
-    noise = estimate_noise(data)
-    scale = intensity_scale(data)
+
+def run_background(config: dict, unit_id: str) -> None:
+    """Background, intensity scale, noise model and feature range of one whole unit.
+
+    Computed once per image so that all its tiles agree, in passes over the unit slab by
+    slab (a plane of a volume, the image in 2D): (1) the peak; (2) the plane-wise
+    wavelet background, written into a chunked Zarr array, with the maximum, mean and
+    range of the background-free data and the Haar samples of the noise fit (from evenly
+    spaced planes, ≤ ``NOISE_SAMPLES``); (3) the feature range of the scaled data, 16
+    planes at a time. Memory: a plane (or 16 for the features), not the unit.
+    """
+    import zarr
+
+    from ..background import plane_background
+    from ..noise import fit_noise, haar_samples
+
+    p = paths(config)
+    data = unit_array(config, unit_id)
+    shape = data.shape
+    planes = [slice(None)] if len(shape) == 2 else list(range(shape[0]))  # data[z] is 2D
+    bg_cfg = BackgroundConfig(**config["background"])
+    background = None
+    if bg_cfg.enabled:
+        background = zarr.open_array(
+            str(_staging(p.background(unit_id))), mode="w", shape=shape, chunks=data.chunks, dtype="float32"
+        )
+        peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64)).max()) for z in planes) or 1.0
+    sampled = _noise_planes(len(planes), int(np.prod(shape[-2:])) // 4)
+    high, low, total, details, means = -np.inf, np.inf, 0.0, [], []
+    for number, z in enumerate(planes):
+        plane = np.asarray(data[z], dtype=np.float64)
+        if background is not None:
+            removed = plane_background(plane, bg_cfg, peak)
+            background[z] = removed.astype(np.float32)
+            plane = plane - removed
+        high, low, total = max(high, plane.max()), min(low, plane.min()), total + plane.sum()
+        if number in sampled:
+            detail, mean = haar_samples(plane)
+            details.append(detail)
+            means.append(mean)
+    if background is not None:
+        _publish(_staging(p.background(unit_id)), p.background(unit_id))
+    scale = float(high) if high > 0 else 1.0
+    noise = fit_noise(np.concatenate(details), np.concatenate(means), float(high - low))
     intensity = {
         "scale": scale,
-        "mean": float(data.mean()),
+        "mean": float(total) / float(np.prod(shape)),
         "noise": {"gain": noise.gain, "floor": noise.floor},
     }
-    value_range = _feature_range(data / scale, _restore_config(config, device="cpu"))
+    value_range = _feature_range(data, background, scale, _restore_config(config, device="cpu"))
     if value_range is not None:
         intensity["feature_low"], intensity["feature_high"] = value_range
     io.atomic_write_json(p.intensity(unit_id), intensity)
 
 
-def _feature_range(observation: np.ndarray, rcfg) -> tuple[list[float], list[float]] | None:
-    """The whole image's per-channel feature range (one positivity map for all its tiles)."""
+def _noise_planes(count: int, blocks_per_plane: int) -> set[int]:
+    """Evenly spaced planes whose Haar samples (≤ NOISE_SAMPLES in all) fit the noise model."""
+    wanted = max(1, min(count, NOISE_SAMPLES // max(blocks_per_plane, 1)))
+    return set(np.linspace(0, count - 1, wanted).round().astype(int).tolist())
+
+
+def _staging(path):
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _publish(staging, path) -> None:
+    """Move a finished Zarr folder into place (replacing an older one)."""
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging, path)
+
+
+def _feature_range(data, background, scale: float, rcfg, planes: int = 4):
+    """The whole unit's per-channel feature range (one positivity map for all its tiles),
+    from ``planes`` background-free planes at a time."""
     import torch
 
     from ..restore import feature_range
 
     if rcfg.generator_input == "noise":
         return None
-    with torch.no_grad():
-        return feature_range(torch.as_tensor(observation, dtype=torch.float32), rcfg)
+    lows, highs = [], []
+    for slab in _slabs(data.shape, planes):
+        observation = np.asarray(data[slab], dtype=np.float64)
+        if background is not None:
+            observation = observation - np.asarray(background[slab], dtype=np.float64)
+        with torch.no_grad():
+            low, high = feature_range(torch.as_tensor(observation / scale, dtype=torch.float32), rcfg, planes)
+        lows.append(low), highs.append(high)
+    return np.min(lows, axis=0).tolist(), np.max(highs, axis=0).tolist()
 
 
 def _prepared_tile(config: dict, tile: Tile, device=None):
     """A tile's prepared observation, its RestoreConfig and its image's intensity record."""
+    import zarr
+
     from ..restore import prepare
 
     p = paths(config)
@@ -116,7 +211,9 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     unit_id = tile.unit_id
     data = np.asarray(unit_array(config, unit_id)[window], dtype=np.float64)
     background = (
-        np.load(p.background(unit_id), mmap_mode="r")[window] if config["background"]["enabled"] else None
+        np.asarray(zarr.open_array(str(p.background(unit_id)), mode="r")[window])
+        if config["background"]["enabled"]
+        else None
     )
     intensity = json.loads(p.intensity(unit_id).read_text())
     psf = make_psf(config, data.ndim)
@@ -234,20 +331,42 @@ def tile_metrics(config: dict) -> list[dict]:
 
 
 def run_stitch(config: dict, name: str) -> None:
-    """Blend all tiles of the units of input ``name`` into OME-Zarr (and TIFF)."""
+    """Blend the tiles of every unit of input ``name`` into one OME-Zarr (and TIFF).
+
+    Block by block: each level-0 chunk is made from only the tiles that overlap it and
+    written straight into the OME-Zarr; the pyramid is built chunkwise from level 0 and
+    the TIFF page by page. Memory: a chunk (the tile core size) plus a few padded tiles,
+    whatever the size of the image and the number of time points and channels.
+
+    Raises
+    ------
+    CiderError
+        If a block holds NaN or infinite values (naming the unit and the block).
+    """
     plan, p = make_plan(config), paths(config)
     units = plan.units_of(name)
     read_tile = TileReader(config)
     axes = config["input"]["axes"].upper()
-    outer_axes = [a for a in axes if a in "TC"]
-    images = []
+    outer_axes = "".join(a for a in axes if a in "TC")
+    spatial_shape = units[0].shape
+    outer_shape = tuple(max(u.index[i] for u in units) + 1 for i in range(len(outer_axes)))
+    block = per_axis(config["tiling"]["tile_size"], len(spatial_shape), "tiling.tile_size")
+    level0 = io.create_ome_zarr(
+        p.image(name),
+        (*outer_shape, *spatial_shape),
+        np.float32,
+        outer_axes + "".join(a for a in axes if a in "ZYX"),
+        (1,) * len(outer_shape) + block,
+    )
     for unit in units:
         tiles = plan.tiles_of(unit.id)
-        images.append(stitch(tiles, read_tile, unit.shape, plan.blend))
-    outer_shape = [max(u.index[i] for u in units) + 1 for i in range(len(outer_axes))]
-    result = np.stack(images).reshape(*outer_shape, *units[0].shape)
-    result_axes = "".join(outer_axes) + "".join(a for a in axes if a in "ZYX")
+        for window in block_grid(unit.shape, block):
+            data = stitch_block(tiles, read_tile, unit.shape, plan.blend, window)
+            if not np.all(np.isfinite(data)):
+                raise CiderError(f"{name} (unit {unit.id}): block {window} holds NaN/inf values; not written")
+            level0[(*unit.index, *(slice(a, b) for a, b in window))] = data
+    result_axes = outer_axes + "".join(a for a in axes if a in "ZYX")
     voxel = config["input"]["voxel_size"]
-    io.write_ome_zarr(p.image(name), result, result_axes, voxel, levels=config["stitch"]["pyramid_levels"])
+    io.finish_ome_zarr(p.image(name), result_axes, voxel, levels=config["stitch"]["pyramid_levels"])
     if config["stitch"]["tiff"]:
-        io.write_image(p.tiff(name), result)
+        io.write_tiff_pages(p.tiff(name), io.open_array(p.image(name)))

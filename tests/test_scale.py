@@ -1,0 +1,161 @@
+"""Bounded memory: rules that must not hold a whole unit (image) in memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import tifffile
+
+from cider import io
+from cider.workflow import make_plan, paths, run_prepare, run_stitch, steps, validate_config
+from cider.workflow.steps import unit_array
+
+
+def _identity_tiles(config: dict) -> None:
+    """Write every batch's 'restored' tiles as the input's padded windows (a fit that
+    changes nothing), so stitching must give the input back bit for bit."""
+    plan, p = make_plan(config), paths(config)
+    for batch in plan.batches:
+        tiles = {}
+        for tile_id in batch.tiles:
+            tile = plan.tile(tile_id)
+            tiles[tile_id] = np.asarray(unit_array(config, tile.unit_id)[tile.slices()])
+        io.atomic_write_npz(p.tiles(batch.id), tiles)
+
+
+def _warm_up(tmp_path) -> None:
+    """Import and first-use everything the writers need, so that only data is traced."""
+    io.write_ome_zarr(tmp_path / "warm.ome.zarr", np.zeros((4, 4, 4), np.float32), "ZYX", [1, 1, 1], levels=2)
+    io.write_tiff_pages(tmp_path / "warm.tif", np.zeros((2, 4, 4), np.float32))
+
+
+def _traced_peak(function, *args) -> int:
+    tracemalloc.start()
+    try:
+        function(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_stitch_holds_blocks_not_the_unit(tmp_path):
+    """2 channels of 3072 × 2048 (24 MiB each as float32): stitch's traced peak stays under
+    a quarter of one channel, and the OME-Zarr equals the input bit for bit."""
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 3072, 2048), dtype=np.float32) * 1000
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    config = validate_config(
+        {
+            "name": "scale",
+            "input": {"path": str(tmp_path / "in.tif"), "axes": "CYX", "voxel_size": [0.2, 0.2]},
+            "psf": {"gaussian_sigma": 1.0},
+            "output_dir": str(tmp_path / "out"),
+            "tiling": {"tile_size": 256},
+            "stitch": {"pyramid_levels": 3, "tiff": False},
+        }
+    )
+    run_prepare(config)
+    _identity_tiles(config)
+    unit_bytes = image[0].nbytes
+    _warm_up(tmp_path)
+    peak = _traced_peak(run_stitch, config, "in")
+    assert peak < unit_bytes / 4, (
+        f"stitch peak {peak / 2**20:.2f} MiB for a {unit_bytes / 2**20:.1f} MiB unit"
+    )
+    np.testing.assert_array_equal(io.read_image(tmp_path / "out" / "in.ome.zarr"), image)
+
+
+def test_tiff_export_holds_pages_not_the_volume(tmp_path):
+    """A Zarr volume of 64 planes goes to TIFF a page at a time (peak < a quarter of it)."""
+    import zarr
+
+    volume = np.random.default_rng(1).random((64, 256, 256), dtype=np.float32)
+    stored = zarr.create_array(
+        str(tmp_path / "v.zarr"), shape=volume.shape, chunks=(1, 256, 256), dtype="float32"
+    )
+    stored[...] = volume
+    _warm_up(tmp_path)
+    peak = _traced_peak(io.write_tiff_pages, tmp_path / "v.tif", stored)
+    assert peak < volume.nbytes / 4, f"TIFF export peak {peak / 2**20:.2f} MiB for a 16 MiB volume"
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "v.tif"), volume)
+
+
+def test_ome_zarr_levels_are_registered_and_read_back_by_ome_zarr(tmp_path):
+    """Every level has its scale and the translation of its first voxel's centre."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    volume = np.arange(2 * 3 * 8 * 40 * 30, dtype=np.float32).reshape(2, 3, 8, 40, 30)
+    io.write_ome_zarr(
+        tmp_path / "v.ome.zarr", volume, "TCZYX", [0.2, 0.1, 0.1], levels=3, chunks=(1, 1, 8, 16, 16)
+    )
+    node = list(Reader(parse_url(str(tmp_path / "v.ome.zarr")))())[0]
+    assert [a["name"] for a in node.metadata["axes"]] == ["t", "c", "z", "y", "x"]
+    levels = node.metadata["coordinateTransformations"]
+    # Z (0.2 µm) is halved only once X has reached its sampling: at level 2
+    assert [t[0]["scale"] for t in levels] == [
+        [1.0, 1.0, 0.2, 0.1, 0.1],
+        [1.0, 1.0, 0.2, 0.2, 0.2],
+        [1.0, 1.0, 0.4, 0.4, 0.4],
+    ]
+    assert [t[1]["translation"] for t in levels[1:]] == [[0, 0, 0, 0.05, 0.05], [0, 0, 0.1, 0.15, 0.15]]
+    data = [np.asarray(level) for level in node.data]
+    assert [d.shape for d in data] == [(2, 3, 8, 40, 30), (2, 3, 8, 20, 15), (2, 3, 4, 10, 7)]
+    expected = volume.reshape(2, 3, 8, 20, 2, 15, 2).mean(axis=(4, 6))
+    np.testing.assert_allclose(data[1], expected, rtol=1e-6)
+
+
+def _volume_config(folder, planes: int) -> tuple[dict, np.ndarray]:
+    rng = np.random.default_rng(4)
+    volume = (rng.poisson(200, (planes, 128, 128)) + 100).astype(np.uint16)
+    folder.mkdir()
+    tifffile.imwrite(folder / "v.tif", volume)
+    config = validate_config(
+        {
+            "name": "bg",
+            "input": {"path": str(folder / "v.tif"), "axes": "ZYX", "voxel_size": [0.5, 0.2, 0.2]},
+            "psf": {"gaussian_sigma": [1.0, 1.0, 1.0]},
+            "output_dir": str(folder / "out"),
+            "tiling": {"tile_size": [16, 64, 64]},
+            "background": {"enabled": True},
+        }
+    )
+    return config, volume
+
+
+def test_background_goes_plane_by_plane_and_equals_the_whole_volume_computation(tmp_path, monkeypatch):
+    """Prepare and the streamed background rule: 4× the planes → the same traced (numpy)
+    peaks within 20 %; the whole-volume background bit for bit and its noise model from a
+    few planes; uint16 input stays uint16."""
+    import json
+
+    import zarr
+
+    from cider.background import BackgroundConfig, wavelet_background
+    from cider.noise import estimate_noise
+    from cider.workflow import run_background
+
+    monkeypatch.setattr(steps, "NOISE_SAMPLES", 20_000)  # 5 planes (default: 4 M samples, 64 MB)
+    _warm_up(tmp_path)
+    peaks = {}
+    for planes in (16, 64):
+        config, volume = _volume_config(tmp_path / str(planes), planes)
+        peaks["prepare", planes] = _traced_peak(run_prepare, config)
+        assert unit_array(config, "u000").dtype == np.uint16
+        run_background(config, "u000") if planes == 16 else None  # first use of the extractor
+        peaks["background", planes] = _traced_peak(run_background, config, "u000")
+    for rule in ("prepare", "background"):
+        small, large = peaks[rule, 16] / 2**20, peaks[rule, 64] / 2**20
+        assert large < 1.2 * small, f"{rule}: peak {small:.2f} MiB for 16 planes, {large:.2f} MiB for 64"
+
+    p = paths(config)
+    expected = wavelet_background(volume.astype(np.float64), BackgroundConfig(**config["background"]))
+    stored = zarr.open_array(str(p.background("u000")), mode="r")[...]
+    np.testing.assert_array_equal(stored, expected.astype(np.float32))
+    record = json.loads(p.intensity("u000").read_text())
+    noise = estimate_noise(volume - expected)
+    assert record["noise"]["gain"] == pytest.approx(noise.gain, rel=0.15)  # 20,000 samples only
+    assert record["scale"] == float((volume - expected).max())
+    assert record["mean"] == pytest.approx(float((volume - expected).mean()), rel=1e-12)
