@@ -159,3 +159,19 @@ def test_background_goes_plane_by_plane_and_equals_the_whole_volume_computation(
     assert record["noise"]["gain"] == pytest.approx(noise.gain, rel=0.15)  # 20,000 samples only
     assert record["scale"] == float((volume - expected).max())
     assert record["mean"] == pytest.approx(float((volume - expected).mean()), rel=1e-12)
+
+
+def test_feature_range_by_windows_equals_the_whole_plane():
+    """Windows with a halo covering the extractor's receptive field give the whole
+    plane's feature range exactly (2D and 3D), with memory of one window."""
+    import torch
+
+    from cider.restore import RestoreConfig, feature_range
+
+    rng = np.random.default_rng(0)
+    for shape in [(300, 520), (5, 300, 290)]:
+        data = rng.random(shape).astype(np.float32) * 100
+        config = RestoreConfig()
+        whole = feature_range(torch.as_tensor(data / 100.0, dtype=torch.float32), config)
+        windows = steps._feature_range(data, None, 100.0, config, planes=2, window=128)
+        np.testing.assert_array_equal(np.array(windows), np.array(whole))

@@ -180,24 +180,42 @@ def _publish(staging, path) -> None:
     os.replace(staging, path)
 
 
-def _feature_range(data, background, scale: float, rcfg, planes: int = 4):
-    """The whole unit's per-channel feature range (one positivity map for all its tiles),
-    from ``planes`` background-free planes at a time."""
+FEATURE_HALO = 16  # px around a window: the extractor's 7 layers of 5 × 5 convolutions reach 14
+
+
+def _feature_range(data, background, scale: float, rcfg, planes: int = 4, window: int = 256):
+    """The whole unit's per-channel feature range (one positivity map for all its tiles).
+
+    Computed on windows of ``planes`` planes × ``window``² pixels, each read with a halo of
+    ``FEATURE_HALO`` pixels and cropped back, so the features inside a window are the
+    whole plane's (the extractor's receptive field fits in the halo) while memory stays
+    at one window's feature maps, whatever the plane size.
+    """
     import torch
 
-    from ..restore import feature_range
+    from ..restore import raw_features
 
     if rcfg.generator_input == "noise":
         return None
+    plane_shape = data.shape[-2:]
     lows, highs = [], []
     for slab in _slabs(data.shape, planes):
-        observation = np.asarray(data[slab], dtype=np.float64)
-        if background is not None:
-            observation = observation - np.asarray(background[slab], dtype=np.float64)
-        with torch.no_grad():
-            low, high = feature_range(torch.as_tensor(observation / scale, dtype=torch.float32), rcfg, planes)
-        lows.append(low), highs.append(high)
-    return np.min(lows, axis=0).tolist(), np.max(highs, axis=0).tolist()
+        for core in block_grid(plane_shape, (window, window)):
+            read = tuple(
+                (max(0, a - FEATURE_HALO), min(n, b + FEATURE_HALO)) for (a, b), n in zip(core, plane_shape)
+            )
+            index = (() if data.ndim == 2 else (slab,)) + tuple(slice(a, b) for a, b in read)
+            observation = np.asarray(data[index], dtype=np.float64)
+            if background is not None:
+                observation = observation - np.asarray(background[index], dtype=np.float64)
+            with torch.no_grad():
+                features = raw_features(torch.as_tensor(observation / scale, dtype=torch.float32), rcfg)
+            inner = tuple(slice(a - r, b - r) for (a, b), (r, _) in zip(core, read))
+            features = features[(Ellipsis, *inner)]
+            dims = tuple(range(1, features.ndim))
+            lows.append(features.amin(dim=dims))
+            highs.append(features.amax(dim=dims))
+    return torch.stack(lows).amin(0).tolist(), torch.stack(highs).amax(0).tolist()
 
 
 def _prepared_tile(config: dict, tile: Tile, device=None):
