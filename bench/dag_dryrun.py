@@ -1,6 +1,7 @@
 """How long Snakemake takes to plan and build the DAG of large datasets (dry runs).
 
-    python bench/dag_dryrun.py            # writes bench/results/dag_dryrun.{json,md}
+    python bench/dag_dryrun.py                        # writes bench/results/dag_dryrun.{json,md}
+    python bench/dag_dryrun.py --cases volume_10k     # one case (the others are kept)
 
 Cases (only metadata or tiny files are written, so no disk space is needed):
 
@@ -15,6 +16,7 @@ real run would submit before SLURM grouping (``group-components``).
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -92,23 +94,33 @@ def case(name: str, make_input, size: int) -> dict:
     }
 
 
+CASES = {"volume_10k": (_volume, 6400), "volume_100k": (_volume, 20480), "folder_20k": (_folder, 20000)}
+
+
 def main() -> None:
-    cases = {
-        "volume_10k": case("volume_10k", _volume, 6400),
-        "volume_100k": case("volume_100k", _volume, 20480),
-        "folder_20k": case("folder_20k", _folder, 20000),
-    }
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    args = parser.parse_args()
     machine = f"{platform.processor() or platform.machine()}, 2 cores (shared, noisy)"
-    result = {"machine": machine, "cases": cases}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dag_dryrun.json").write_text(json.dumps(result, indent=2))
+    path = RESULTS / "dag_dryrun.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if "cases" not in result:  # an older layout: start afresh
+        result = {"machine": machine, "cases": {}}
+    for name in args.cases:  # each case is recorded as soon as it is measured
+        make_input, size = CASES[name]
+        result["cases"][name] = case(name, make_input, size)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(json.dumps({name: result["cases"][name]}), flush=True)
     lines = [
-        f"# DAG dry runs ({machine})",
+        f"# DAG dry runs ({result['machine']})",
         "",
         "| case | units | tiles | jobs | jobs by rule | dry run, planning (s) | dry run, stored plan (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, c in cases.items():
+    for name, c in result["cases"].items():
         by_rule = ", ".join(f"{k} {v}" for k, v in c["jobs_by_rule"].items())
         lines.append(
             f"| {name} | {c['units']} | {c['tiles']} | {c['jobs']} | {by_rule} | "
