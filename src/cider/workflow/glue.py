@@ -21,7 +21,9 @@ def _fixed_mmap_threshold() -> None:
 
     glibc raises its threshold after large blocks are freed, so the plane- and window-
     sized buffers of a streamed rule then come from the heap and stay resident: a
-    background job on 512 planes grew to 2.6 GB instead of 0.4 GB (bench/scale.py).
+    background job on 128 planes grew to 2.6 GB instead of 0.4 GB (bench/scale.py). Not
+    for ``fit``: its autograd tensors are allocated every iteration, and a fixed threshold
+    would map and unmap each of them: a 128² CPU fit took 11.3 s instead of 6.1–7.1 s.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -39,7 +41,8 @@ def script_args(rule: str, namespace: dict) -> tuple[dict, dict]:
     and wildcards, and stdout/stderr go to the rule's log. Run alone, the script takes
     ``--config FILE`` and ``--batch``/``--unit``/``--name``.
     """
-    _fixed_mmap_threshold()
+    if rule != "fit":  # the fit reallocates its large tensors every iteration (see below)
+        _fixed_mmap_threshold()
     smk = namespace.get("snakemake")
     if smk is not None:
         if smk.log:
