@@ -353,8 +353,18 @@ def write_ome_zarr(
     finish_ome_zarr(path, axes, voxel_size, levels)
 
 
-def _staging(path: Path) -> Path:
+def staging_path(path: str | Path) -> Path:
+    """Where a folder output (Zarr, OME-Zarr) is written before :func:`publish_folder`."""
+    path = Path(path)
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def publish_folder(path: str | Path) -> None:
+    """Move the finished folder from :func:`staging_path` into place, replacing an older one."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging_path(path), path)
 
 
 def create_ome_zarr(path: str | Path, shape: Sequence[int], dtype, axes: str, chunks: Sequence[int]):
@@ -366,7 +376,7 @@ def create_ome_zarr(path: str | Path, shape: Sequence[int], dtype, axes: str, ch
     """
     import zarr
 
-    staging = _staging(Path(path))
+    staging = staging_path(path)
     if staging.exists():
         shutil.rmtree(staging)
     root = zarr.open_group(str(staging), mode="w")
@@ -394,8 +404,7 @@ def finish_ome_zarr(path: str | Path, axes: str, voxel_size: Sequence[float], le
             f"OME-Zarr {path}: {len(spatial)} spatial axes in {axes!r} but voxel_size {voxel_size}"
         )
     size = dict(zip(spatial, (float(v) for v in voxel_size)))
-    staging = _staging(path)
-    root = zarr.open_group(str(staging), mode="r+")
+    root = zarr.open_group(str(staging_path(path)), mode="r+")
     level0 = root["0"]
     factors = [1] * len(axes)
     datasets = [_dataset_metadata("0", axes, size, factors)]
@@ -424,9 +433,7 @@ def finish_ome_zarr(path: str | Path, axes: str, voxel_size: Sequence[float], le
         for a in axes
     ]
     write_multiscales_metadata(root, datasets, axes=axes_meta)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
+    publish_folder(path)
 
 
 def _dataset_metadata(name: str, axes: str, size: dict[str, float], factors: Sequence[int]) -> dict:

@@ -77,6 +77,15 @@ class Unit:
     index: tuple[int, ...]
     shape: tuple[int, ...]
 
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "file": self.file,
+            "index": list(self.index),
+            "shape": list(self.shape),
+        }
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -102,7 +111,7 @@ class Plan:
     def to_dict(self) -> dict:
         """JSON-ready form (what ``plan.json`` holds)."""
         return {
-            "units": [u.__dict__ | {"index": list(u.index), "shape": list(u.shape)} for u in self.units],
+            "units": [u.to_dict() for u in self.units],
             "tiles": [t.to_dict() for t in self.tiles],
             "batches": [{"id": b.id, "tiles": list(b.tiles)} for b in self.batches],
             "names": list(self.names),

@@ -6,7 +6,6 @@ leaves a file that looks complete.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -48,12 +47,6 @@ def _slabs(shape: tuple[int, ...], planes: int) -> list[slice]:
     return [slice(z, min(z + planes, shape[0])) for z in range(0, shape[0], planes)]
 
 
-def _bands(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[slice, ...]]:
-    """Chunk rows: windows of one chunk in every axis but the last (X), which is whole."""
-    windows = itertools.product(*(range(0, n, c) for n, c in zip(shape[:-1], chunks[:-1])))
-    return [tuple(slice(a, min(a + c, n)) for a, c, n in zip(w, chunks, shape)) for w in windows]
-
-
 def run_prepare(config: dict) -> None:
     """Copy every unit into ``input.zarr``, one row of chunks at a time, in the input's dtype.
 
@@ -76,10 +69,11 @@ def run_prepare(config: dict) -> None:
                 dtype = np.dtype(np.float32)
             array = root.create_array(unit.id, shape=unit.shape, chunks=chunks, dtype=dtype, overwrite=True)
             outer = index[: len(index) - len(unit.shape)]
-            for band in _bands(unit.shape, chunks):
+            for row in block_grid(unit.shape, (*chunks[:-1], unit.shape[-1])):  # a row of chunks
+                band = tuple(slice(a, b) for a, b in row)
                 data = np.asarray(source[(*outer, *band)])
                 if not np.all(np.isfinite(data)):
-                    where = ", ".join(f"{w.start}–{w.stop}" for w in band)
+                    where = ", ".join(f"{a}–{b}" for a, b in row)
                     raise CiderError(
                         f"{unit.file} (unit {unit.id}, index {unit.index}): contains NaN/inf values "
                         f"(in the window {where}); fix or mask them before restoring"
@@ -92,7 +86,7 @@ def run_prepare(config: dict) -> None:
                 f"{unit.file} (unit {unit.id}, index {unit.index}): cannot read it ({err}); the file may be "
                 "damaged or have changed since planning: check it, then rerun"
             ) from err
-    summary = {"units": [u.__dict__ | {"index": list(u.index), "shape": list(u.shape)} for u in plan.units],
+    summary = {"units": [u.to_dict() for u in plan.units],
                "tiles": len(plan.tiles), "psf_shape": list(plan.psf_shape), "margin": list(plan.margin),
                "blend": list(plan.blend)}  # fmt: skip
     io.atomic_write_json(p.prepared(), summary)
@@ -110,12 +104,12 @@ NOISE_SAMPLES = 4_000_000  # Haar samples (2 × 2 blocks) the noise fit uses at 
 def run_background(config: dict, unit_id: str) -> None:
     """Background, intensity scale, noise model and feature range of one whole unit.
 
-    Computed once per image so that all its tiles agree, in passes over the unit slab by
-    slab (a plane of a volume, the image in 2D): (1) the peak; (2) the plane-wise
-    wavelet background, written into a chunked Zarr array, with the maximum, mean and
-    range of the background-free data and the Haar samples of the noise fit (from evenly
-    spaced planes, ≤ ``NOISE_SAMPLES``); (3) the feature range of the scaled data, 16
-    planes at a time. Memory: a plane (or 16 for the features), not the unit.
+    Computed once per image so that all its tiles agree, in passes over the unit plane by
+    plane (the image in 2D): (1) the peak; (2) the plane-wise wavelet background, written
+    into a chunked Zarr array, with the maximum, mean and range of the background-free
+    data and the Haar samples of the noise fit (from evenly spaced planes, ≤
+    ``NOISE_SAMPLES``); (3) the feature range of the scaled data, by windows
+    (:func:`_feature_range`). Memory: a plane and one window's features, not the unit.
     """
     import zarr
 
@@ -129,9 +123,8 @@ def run_background(config: dict, unit_id: str) -> None:
     bg_cfg = BackgroundConfig(**config["background"])
     background = None
     if bg_cfg.enabled:
-        background = zarr.open_array(
-            str(_staging(p.background(unit_id))), mode="w", shape=shape, chunks=data.chunks, dtype="float32"
-        )
+        staging = io.staging_path(p.background(unit_id))
+        background = zarr.open_array(str(staging), mode="w", shape=shape, chunks=data.chunks, dtype="float32")
         peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64)).max()) for z in planes) or 1.0
     sampled = _noise_planes(len(planes), int(np.prod(shape[-2:])) // 4)
     high, low, total, details, means = -np.inf, np.inf, 0.0, [], []
@@ -147,7 +140,7 @@ def run_background(config: dict, unit_id: str) -> None:
             details.append(detail)
             means.append(mean)
     if background is not None:
-        _publish(_staging(p.background(unit_id)), p.background(unit_id))
+        io.publish_folder(p.background(unit_id))
     scale = float(high) if high > 0 else 1.0
     noise = fit_noise(np.concatenate(details), np.concatenate(means), float(high - low))
     intensity = {
@@ -165,19 +158,6 @@ def _noise_planes(count: int, blocks_per_plane: int) -> set[int]:
     """Evenly spaced planes whose Haar samples (≤ NOISE_SAMPLES in all) fit the noise model."""
     wanted = max(1, min(count, NOISE_SAMPLES // max(blocks_per_plane, 1)))
     return set(np.linspace(0, count - 1, wanted).round().astype(int).tolist())
-
-
-def _staging(path):
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def _publish(staging, path) -> None:
-    """Move a finished Zarr folder into place (replacing an older one)."""
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
 
 
 FEATURE_HALO = 16  # px around a window: the extractor's 7 layers of 5 × 5 convolutions reach 14
@@ -366,6 +346,7 @@ def run_stitch(config: dict, name: str) -> None:
     read_tile = TileReader(config)
     axes = config["input"]["axes"].upper()
     outer_axes = "".join(a for a in axes if a in "TC")
+    result_axes = outer_axes + "".join(a for a in axes if a in "ZYX")
     spatial_shape = units[0].shape
     outer_shape = tuple(max(u.index[i] for u in units) + 1 for i in range(len(outer_axes)))
     block = per_axis(config["tiling"]["tile_size"], len(spatial_shape), "tiling.tile_size")
@@ -373,7 +354,7 @@ def run_stitch(config: dict, name: str) -> None:
         p.image(name),
         (*outer_shape, *spatial_shape),
         np.float32,
-        outer_axes + "".join(a for a in axes if a in "ZYX"),
+        result_axes,
         (1,) * len(outer_shape) + block,
     )
     for unit in units:
@@ -383,7 +364,6 @@ def run_stitch(config: dict, name: str) -> None:
             if not np.all(np.isfinite(data)):
                 raise CiderError(f"{name} (unit {unit.id}): block {window} holds NaN/inf values; not written")
             level0[(*unit.index, *(slice(a, b) for a, b in window))] = data
-    result_axes = outer_axes + "".join(a for a in axes if a in "ZYX")
     voxel = config["input"]["voxel_size"]
     io.finish_ome_zarr(p.image(name), result_axes, voxel, levels=config["stitch"]["pyramid_levels"])
     if config["stitch"]["tiff"]:
