@@ -17,10 +17,5 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        images=[str(PATHS.image(name)) for name in PLAN.names],
-        tiffs=(
-            [str(PATHS.tiff(name)) for name in PLAN.names]
-            if config["stitch"]["tiff"]
-            else []
-        ),
+        stitched=[str(PATHS.stitched(part)) for part in PARTS],
         report=str(PATHS.report()),

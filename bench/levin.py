@@ -50,8 +50,9 @@ QUOTED = [
 
 def restore_config(method: str, iterations: int, device: str, overrides: dict) -> RestoreConfig:
     """Settings of a generator-based method: package defaults plus ``--set`` overrides."""
-    return RestoreConfig(iterations=iterations, normalize=False, device=device,
-                         generator_input=GENERATOR_INPUT[method]).with_(**overrides)  # fmt: skip
+    return RestoreConfig(
+        iterations=iterations, normalize=False, device=device, generator_input=GENERATOR_INPUT[method]
+    ).with_(**overrides)
 
 
 def settings(config: RestoreConfig) -> dict:
@@ -108,8 +109,12 @@ def run_method(
         r = case.psf.shape[0] // 2
         return x[r:-r, r:-r], {}
     result = restore(case.blurred, case.psf, config, scale=1.0)
-    return result.restored, {"seconds": round(result.timings["total"], 1), "device": result.device,
-                             "final_loss": result.loss_history[-1], "settings": settings(config)}  # fmt: skip
+    return result.restored, {
+        "seconds": round(result.timings["total"], 1),
+        "device": result.device,
+        "final_loss": result.loss_history[-1],
+        "settings": settings(config),
+    }
 
 
 def result_tag(method: str, iterations: int, overrides: dict) -> str:
@@ -201,11 +206,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--iterations", type=int, nargs="+", default=[250, 500, 750, 1000], help="cider iterations"
     )
-    parser.add_argument("--ablation-iterations", type=int, nargs="+", default=[1000],
-                        help="iterations of the selfdeblur and image_rl ablations")  # fmt: skip
+    parser.add_argument(
+        "--ablation-iterations",
+        type=int,
+        nargs="+",
+        default=[1000],
+        help="iterations of the selfdeblur and image_rl ablations",
+    )
     parser.add_argument("--rl-iterations", type=int, nargs="+", default=[10, 20, 50, 100, 200, 400])
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="RestoreConfig overrides for the generator methods, e.g. hessian_weight=0.02")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="RestoreConfig overrides for the generator methods, e.g. hessian_weight=0.02",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=str(RESULTS / "levin.md"))

@@ -85,9 +85,14 @@ def score(estimate: np.ndarray, sharp: np.ndarray) -> dict:
     target = sharp[CROP : CROP + SIZE, CROP : CROP + SIZE]
     psnr = 10 * np.log10(255**2 / np.mean((255 * aligned - 255 * target) ** 2))
     ssim = structural_similarity(
-        aligned * 255, target * 255, data_range=255, gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False, win_size=11,
-    )  # fmt: skip
+        aligned * 255,
+        target * 255,
+        data_range=255,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        win_size=11,
+    )
     return {"psnr": float(psnr), "ssim": float(ssim), "shift": [float(shift[0]), float(shift[1])]}
 
 

@@ -106,10 +106,10 @@ def run(shape: tuple[int, ...], size: int, folder: Path) -> dict:
     start = time.perf_counter()
     rules = {
         "prepare": _timed("prepare.py", path),
-        "background": _timed("background.py", path, "--unit", "u000"),
+        "background": _timed("background.py", path, "--group", "g0"),
     }
     _identity_fit(path)
-    rules["stitch"] = _timed("stitch.py", path, "--name", "volume")
+    rules["stitch"] = _timed("stitch.py", path, "--part", "p0")
     rules["report"] = _timed("report.py", path)
     return {
         "shape": list(shape),

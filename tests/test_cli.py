@@ -26,8 +26,19 @@ def test_restore_tiff_round_trip(tmp_path, capsys):
     image = convolve(blobs((48, 48), 15), psf)
     tifffile.imwrite(tmp_path / "in.tif", image.astype(np.float32))
     tifffile.imwrite(tmp_path / "psf.tif", psf.astype(np.float32))
-    code = cli.main(["restore", str(tmp_path / "in.tif"), "--psf", str(tmp_path / "psf.tif"),
-                     "-o", str(tmp_path / "out.tif"), "--iterations", "10", "--quiet"])  # fmt: skip
+    code = cli.main(
+        [
+            "restore",
+            str(tmp_path / "in.tif"),
+            "--psf",
+            str(tmp_path / "psf.tif"),
+            "-o",
+            str(tmp_path / "out.tif"),
+            "--iterations",
+            "10",
+            "--quiet",
+        ]
+    )
     assert code == 0
     out = tifffile.imread(tmp_path / "out.tif")
     assert out.shape == (48, 48) and out.dtype == np.float32
@@ -37,8 +48,19 @@ def test_restore_tiff_round_trip(tmp_path, capsys):
 def test_restore_png_with_gaussian_psf(tmp_path):
     image = (blobs((40, 40), 10) * 200).astype(np.uint8)
     io.write_image(tmp_path / "in.png", image)
-    code = cli.main(["restore", str(tmp_path / "in.png"), "--gaussian-sigma", "1.0",
-                     "-o", str(tmp_path / "out.png"), "--iterations", "5", "--quiet"])  # fmt: skip
+    code = cli.main(
+        [
+            "restore",
+            str(tmp_path / "in.png"),
+            "--gaussian-sigma",
+            "1.0",
+            "-o",
+            str(tmp_path / "out.png"),
+            "--iterations",
+            "5",
+            "--quiet",
+        ]
+    )
     assert code == 0
     restored = io.read_image(tmp_path / "out.png")
     # integer units kept: 8-bit while the restored values fit in 8 bits, else 16-bit (said)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
@@ -9,20 +10,48 @@ import pytest
 import tifffile
 
 from cider import io
-from cider.workflow import make_plan, paths, run_prepare, run_stitch, steps, validate_config
+from cider.workflow import (
+    make_plan,
+    paths,
+    report,
+    run_prepare,
+    run_report,
+    run_stitch,
+    steps,
+    validate_config,
+)
 from cider.workflow.steps import unit_array
 
 
-def _identity_tiles(config: dict) -> None:
+def _identity_tiles(config: dict, change: dict | None = None) -> None:
     """Write every batch's 'restored' tiles as the input's padded windows (a fit that
-    changes nothing), so stitching must give the input back bit for bit."""
+    changes nothing), so stitching must give the input back bit for bit, and their fit
+    records (``change``: tile id → value added to that tile, to make a seam)."""
     plan, p = make_plan(config), paths(config)
+    losses = list(np.linspace(1.0, 0.5, 50))
     for batch in plan.batches:
-        tiles = {}
+        tiles, records = {}, []
         for tile_id in batch.tiles:
             tile = plan.tile(tile_id)
             tiles[tile_id] = np.asarray(unit_array(config, tile.unit_id)[tile.slices()])
+            tiles[tile_id] = tiles[tile_id] + (change or {}).get(tile_id, 0)
+            records.append(
+                {
+                    "tile": tile_id,
+                    "unit": tile.unit_id,
+                    "batch": batch.id,
+                    "iterations": 50,
+                    "final_loss": 0.5,
+                    "chi2": 1.0,
+                    "stopped": "iterations",
+                    "flux_factor": 1.0,
+                    "loss_history": losses if tile_id in (change or {}) else losses[:25] + [0.75] * 25,
+                    "seconds": 1.0,
+                    "device": "cpu",
+                }
+            )
         io.atomic_write_npz(p.tiles(batch.id), tiles)
+        io.atomic_write_json(p.metrics(batch.id), {"batch": batch.id, "tiles": records})
 
 
 def _warm_up(tmp_path) -> None:
@@ -40,9 +69,9 @@ def _traced_peak(function, *args) -> int:
         tracemalloc.stop()
 
 
-def test_stitch_holds_blocks_not_the_unit(tmp_path):
-    """2 channels of 3072 × 2048 (24 MiB each as float32): stitch's traced peak stays under
-    a quarter of one channel, and the OME-Zarr equals the input bit for bit."""
+def test_stitch_and_report_hold_blocks_not_the_unit(tmp_path, monkeypatch):
+    """2 channels of 3072 × 2048 (24 MiB each as float32): the traced peaks of stitch and
+    report stay under a quarter of one channel, and the OME-Zarr equals the input bit for bit."""
     rng = np.random.default_rng(0)
     image = rng.random((2, 3072, 2048), dtype=np.float32) * 1000
     tifffile.imwrite(tmp_path / "in.tif", image)
@@ -53,18 +82,61 @@ def test_stitch_holds_blocks_not_the_unit(tmp_path):
             "psf": {"gaussian_sigma": 1.0},
             "output_dir": str(tmp_path / "out"),
             "tiling": {"tile_size": 256},
-            "stitch": {"pyramid_levels": 3, "tiff": False},
+            "stitch": {"pyramid_levels": 4, "tiff": False},
         }
     )
     run_prepare(config)
     _identity_tiles(config)
     unit_bytes = image[0].nbytes
     _warm_up(tmp_path)
-    peak = _traced_peak(run_stitch, config, "in")
+    peak = _traced_peak(run_stitch, config, "p0")  # part p0: the one input file
     assert peak < unit_bytes / 4, (
         f"stitch peak {peak / 2**20:.2f} MiB for a {unit_bytes / 2**20:.1f} MiB unit"
     )
     np.testing.assert_array_equal(io.read_image(tmp_path / "out" / "in.ome.zarr"), image)
+
+    # the report reads a low pyramid level and slabs across tile boundaries, not the unit:
+    # its memory is the previews' (PREVIEW_SIDE, here 256 → 384 × 256 from level 3)
+    monkeypatch.setattr(report, "PREVIEW_SIDE", 256)
+    peak = _traced_peak(run_report, config)
+    assert peak < unit_bytes / 4, f"report peak {peak / 2**20:.2f} MiB"
+    summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
+    assert summary["flagged"] == {} and max(u["seam_worst"] for u in summary["units"]) < 1.2
+    after = io.read_image(tmp_path / "out" / "report" / "u001_after.png")
+    assert after.shape == (384, 256)  # level 3 of 3072 × 2048: the coarsest with 256 px
+
+
+def test_report_flags_a_seam_and_a_fit_still_improving(tmp_path):
+    """A tile whose result is offset from its neighbours' makes a step over the blending
+    ramp: the report flags it as a seam; its loss curve still falling: 'still improving'."""
+    y, x = np.mgrid[:160, :200]
+    image = (500 + 100 * np.sin(x / 7) * np.cos(y / 9)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    config = validate_config(
+        {
+            "name": "seam",
+            "input": {"path": str(tmp_path / "in.tif"), "axes": "YX", "voxel_size": [0.2, 0.2]},
+            "psf": {"gaussian_sigma": 1.0},
+            "output_dir": str(tmp_path / "out"),
+            "tiling": {"tile_size": 40},
+            "stitch": {"pyramid_levels": 2, "tiff": False},
+        }
+    )
+    run_prepare(config)
+    plan = make_plan(config)
+    offset = next(t.id for t in plan.tiles if t.grid_index == (1, 2))
+    _identity_tiles(config, change={offset: 200.0})
+    run_stitch(config, "p0")
+    summary = run_report(config)
+    after = {t.id for t in plan.tiles if t.grid_index in ((2, 2), (1, 3))}  # across its upper boundaries
+    assert summary["flagged"] == {offset: ["still improving", "seam"]} | dict.fromkeys(after, ["seam"])
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert offset in page and "tiles.csv" in page
+    rows = (tmp_path / "out" / "report" / "tiles.csv").read_text().splitlines()
+    assert (
+        len(rows) == 1 + len(plan.tiles)
+        and "still improving;seam" in rows[1 + plan.tiles.index(plan.tile(offset))]
+    )
 
 
 def test_tiff_export_holds_pages_not_the_volume(tmp_path):
@@ -144,17 +216,17 @@ def test_background_goes_plane_by_plane_and_equals_the_whole_volume_computation(
         config, volume = _volume_config(tmp_path / str(planes), planes)
         peaks["prepare", planes] = _traced_peak(run_prepare, config)
         assert unit_array(config, "u000").dtype == np.uint16
-        run_background(config, "u000") if planes == 16 else None  # first use of the extractor
-        peaks["background", planes] = _traced_peak(run_background, config, "u000")
+        run_background(config, "g0") if planes == 16 else None  # first use of the extractor
+        peaks["background", planes] = _traced_peak(run_background, config, "g0")
     for rule in ("prepare", "background"):
         small, large = peaks[rule, 16] / 2**20, peaks[rule, 64] / 2**20
         assert large < 1.2 * small, f"{rule}: peak {small:.2f} MiB for 16 planes, {large:.2f} MiB for 64"
 
     p = paths(config)
     expected = wavelet_background(volume.astype(np.float64), BackgroundConfig(**config["background"]))
-    stored = zarr.open_array(str(p.background("u000")), mode="r")[...]
+    stored = zarr.open_array(str(p.background("g0") / "u000"), mode="r")[...]
     np.testing.assert_array_equal(stored, expected.astype(np.float32))
-    record = json.loads(p.intensity("u000").read_text())
+    record = json.loads(p.intensity("g0").read_text())["units"]["u000"]
     noise = estimate_noise(volume - expected)
     assert record["noise"]["gain"] == pytest.approx(noise.gain, rel=0.15)  # 20,000 samples only
     assert record["scale"] == float((volume - expected).max())

@@ -44,18 +44,43 @@ pytestmark = [
     pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready())),
 ]
 
-CI_OVERRIDES = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-                "--seconds-between-status-checks", "2", "--slurm-keep-successful-logs"]  # fmt: skip
+CI_OVERRIDES = [
+    "--slurm-status-command",
+    "squeue",
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--seconds-between-status-checks",
+    "2",
+    "--slurm-keep-successful-logs",
+]
 
 
 def _command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--profile", str(ROOT / "profiles" / "slurm"),
-            "--directory", str(config.parent), "--configfile", str(config), *CI_OVERRIDES, *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--profile",
+        str(ROOT / "profiles" / "slurm"),
+        "--directory",
+        str(config.parent),
+        "--configfile",
+        str(config),
+        *CI_OVERRIDES,
+        *extra,
+    ]
 
 
 def _run(config: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(config, *extra), capture_output=True, text=True, timeout=900,
-                          env={**os.environ, ALLOW_CPU_ENV: "1", **(env or {})})  # fmt: skip
+    return subprocess.run(
+        _command(config, *extra),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, ALLOW_CPU_ENV: "1", **(env or {})},
+    )
 
 
 def _job_ids(folder: Path, rule: str) -> list[str]:

@@ -52,8 +52,18 @@ def _dataset(tmp: Path, shape: tuple[int, ...], sigma, tile, seed=0, batch_size=
 
 
 def _snakemake(config: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(config.parent),
-               "--configfile", str(config), "--cores", "2", *extra]  # fmt: skip
+    command = [
+        *SNAKEMAKE,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(config.parent),
+        "--configfile",
+        str(config),
+        "--cores",
+        "2",
+        *extra,
+    ]
     return subprocess.run(
         command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900
     )
@@ -83,8 +93,12 @@ def _read_ome_zarr(path: Path):
 
 # ------------------------------------------------------------------------ config
 def _minimal() -> dict:
-    return {"name": "x", "input": {"path": "a.tif", "axes": "YX", "voxel_size": [1, 1]},
-            "psf": {"gaussian_sigma": 1.0}, "output_dir": "out"}  # fmt: skip
+    return {
+        "name": "x",
+        "input": {"path": "a.tif", "axes": "YX", "voxel_size": [1, 1]},
+        "psf": {"gaussian_sigma": 1.0},
+        "output_dir": "out",
+    }
 
 
 def test_schema_fills_defaults():
@@ -245,6 +259,26 @@ def test_batches_group_same_shape_tiles_up_to_the_batch_size(tmp_path):
     assert sorted(i for b in batches for i in b.tiles) == sorted(t.id for t in mixed)
 
 
+def test_small_images_of_any_size_are_packed_into_few_jobs():
+    """Whole-image tiles go jobs.images_per_job to a fit job, one pass per shape; tiles of
+    images cut into several tiles keep one pass (≤ fit.batch_size) per job."""
+    from cider.tiling import tile_grid
+    from cider.workflow import make_groups
+
+    small = [t for u in range(10) for t in tile_grid((20 + u % 3, 30), (64, 64), (2, 2), unit=u)]
+    large = tile_grid((100, 100), (40, 40), (2, 2), unit=10)  # 9 tiles
+    batches = make_batches(small + large, 2, images_per_job=4)
+    multi, whole = batches[:5], batches[5:]
+    assert [len(b.tiles) for b in multi] == [2, 2, 2, 2, 1] and all(len(b.passes) == 1 for b in multi)
+    assert [len(b.tiles) for b in whole] == [4, 4, 2]
+    shapes = {t.id: t.padded_shape for t in small}
+    for batch in whole:
+        assert all(len(p) <= 2 and len({shapes[t] for t in p}) == 1 for p in batch.passes)
+    assert sorted(t for b in batches for t in b.tiles) == sorted(t.id for t in small + large)
+    groups = make_groups([("a", 10), ("b", 10), ("c", 2**27), ("d", 10)], 2, "g")
+    assert [g.members for g in groups] == [("a", "b"), ("c",), ("d",)]  # a large image: a job alone
+
+
 def test_a_job_given_a_gpu_requires_cuda(monkeypatch):
     from cider.restore import resolve_device
 
@@ -281,8 +315,12 @@ def test_lint_and_format_are_clean():
         [*SNAKEMAKE, "--lint", "--configfile", "config/config.yaml"], cwd=ROOT, capture_output=True, text=True
     )
     assert "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
-    fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow"], cwd=ROOT,
-                         capture_output=True, text=True)  # fmt: skip
+    fmt = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert fmt.returncode == 0, fmt.stderr
 
 
@@ -385,8 +423,17 @@ def test_a_killed_run_resumes_to_the_same_bits(tmp_path, clean_run):
     killed_dir = tmp_path / "killed"
     killed_dir.mkdir()
     killed = _dataset(killed_dir, **SMALL_RUN)
-    command = [*SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "--directory", str(killed_dir),
-               "--configfile", str(killed), "--cores", "2"]  # fmt: skip
+    command = [
+        *SNAKEMAKE,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(killed_dir),
+        "--configfile",
+        str(killed),
+        "--cores",
+        "2",
+    ]
     tiles = killed_dir / "out" / "work" / "tiles"
     log = killed_dir / "snakemake.log"
     with log.open("w") as sink:
@@ -456,9 +503,15 @@ def test_ome_zarr_and_zarr_inputs_are_read_and_planned(tmp_path):
         ...
     ] = volume[0]
     for path, axes, units in ((tmp_path / "in.ome.zarr", "CZYX", 2), (tmp_path / "plain.zarr", "ZYX", 1)):
-        config = validate_config({"name": "z", "input": {"path": str(path), "axes": axes, "voxel_size": [0.5, 0.2, 0.2]},
-                                  "psf": {"gaussian_sigma": [0.5, 1.0, 1.0]}, "output_dir": str(tmp_path / "o"),
-                                  "tiling": {"tile_size": [8, 20, 20]}})  # fmt: skip
+        config = validate_config(
+            {
+                "name": "z",
+                "input": {"path": str(path), "axes": axes, "voxel_size": [0.5, 0.2, 0.2]},
+                "psf": {"gaussian_sigma": [0.5, 1.0, 1.0]},
+                "output_dir": str(tmp_path / "o"),
+                "tiling": {"tile_size": [8, 20, 20]},
+            }
+        )
         plan = make_plan(config)
         assert len(plan.units) == units and plan.units[0].shape == (8, 40, 30)
         assert len(plan.tiles) == units * 4
@@ -524,8 +577,9 @@ def test_the_plan_is_written_once_and_read_without_opening_the_inputs(tmp_path, 
     replanned.check_input(str(tmp_path / "input.tif"))
 
 
-def test_a_folder_of_1200_images_plans_with_scaling_ids(tmp_path):
-    """Unit ids grow past u999 (u1000, u1199) and Snakemake's DAG accepts them."""
+def test_a_folder_of_1200_images_plans_with_scaling_ids_and_few_jobs(tmp_path):
+    """Unit ids grow past u999 (u1000, u1199), Snakemake's DAG accepts them, and the folder
+    is ≈ 3 × 1200 / jobs.images_per_job jobs (64 images per background, fit and stitch job)."""
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -535,11 +589,14 @@ def test_a_folder_of_1200_images_plans_with_scaling_ids(tmp_path):
     config |= {"output_dir": str(tmp_path / "out"), "psf": {"gaussian_sigma": 0.7}}
     plan = make_plan(validate_config(config))
     assert len(plan.units) == 1200 and plan.units[-1].id == "u1199" and plan.units[1000].id == "u1000"
-    assert len(plan.batches) == 150  # 1,200 same-shape single-tile images in batches of 8
+    assert len(plan.batches) == 19  # 64 images per job, in passes of fit.batch_size (8)
+    assert [len(p) for p in plan.batches[0].passes] == [8] * 8 and len(plan.batches[-1].tiles) == 48
+    assert len(plan.groups) == len(plan.parts) == 19 and plan.parts[0].members[-1] == "img0063"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = _snakemake(tmp_path / "config.yaml", "-n")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert _job_counts(run.stdout)["background"] == 1200 and _job_counts(run.stdout)["fit"] == 150
+    counts = _job_counts(run.stdout)
+    assert (counts["background"], counts["fit"], counts["stitch"]) == (19, 19, 19), counts
 
 
 @pytest.mark.slow

@@ -416,7 +416,7 @@ def finish_ome_zarr(path: str | Path, axes: str, voxel_size: Sequence[float], le
             halve = a in "YX" or (a == "Z" and current["Z"] <= current["X"])
             if halve and previous.shape[i] >= 2:
                 step[i] = 2
-        coarse = _block_mean(da.from_zarr(previous), step)
+        coarse = block_mean(da.from_zarr(previous), step)
         chunks = tuple(min(c, n) for c, n in zip(level0.chunks, coarse.shape))
         names = [a.lower() for a in axes]
         array = root.create_array(
@@ -445,7 +445,7 @@ def _dataset_metadata(name: str, axes: str, size: dict[str, float], factors: Seq
     return {"path": name, "coordinateTransformations": transforms}
 
 
-def _block_mean(array, step: Sequence[int]):
+def block_mean(array, step: Sequence[int]):
     """Dask block average by integer ``step`` per axis (a trailing remainder is dropped)."""
     import dask.array as da
 

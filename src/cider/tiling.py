@@ -69,8 +69,13 @@ class Tile:
         return tuple(b - a for a, b in self.padded)
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "unit": self.unit, "grid_index": list(self.grid_index),
-                "core": [list(w) for w in self.core], "padded": [list(w) for w in self.padded]}  # fmt: skip
+        return {
+            "id": self.id,
+            "unit": self.unit,
+            "grid_index": list(self.grid_index),
+            "core": [list(w) for w in self.core],
+            "padded": [list(w) for w in self.padded],
+        }
 
 
 def unit_name(unit: int) -> str:

@@ -83,10 +83,12 @@ class _Decoder(nn.Module):
     def __init__(self, features: int = 16, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(features, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(features, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
             nn.Conv2d(width, 1, 3, padding=1),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -4,9 +4,9 @@ rule background:
     output:
         **background_outputs(),
     log:
-        str(LOGS / "background" / "{unit}.log"),
+        str(LOGS / "background" / "{group}.log"),
     benchmark:
-        str(BENCH / "background" / "{unit}.tsv")
+        str(BENCH / "background" / "{group}.tsv")
     conda:
         ENV
     resources:

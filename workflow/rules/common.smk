@@ -1,7 +1,9 @@
 # Validates the config, computes the tile plan from the inputs' shapes (the DAG is known
 # before anything runs) and defines the helpers the other rules use.
+import sys
+
 from cider.errors import CiderError
-from cider.workflow import make_plan, paths, validate_config
+from cider.workflow import drop_stale_manifests, make_plan, paths, validate_config
 
 if not config:
     raise CiderError(
@@ -15,13 +17,22 @@ LOGS = PATHS.work / "logs"
 # wall time and max RSS of every job (Snakemake benchmark files)
 BENCH = PATHS.work / "benchmarks"
 BATCHES = [b.id for b in PLAN.batches]
+PARTS = [part.id for part in PLAN.parts]
 ENV = "../../envs/cider.yaml"
+
+# A stitch job's output is its record of the images it wrote; a record whose images were
+# deleted since is dropped here, so that part is stitched again.
+for part in drop_stale_manifests(PATHS, PARTS):
+    print(
+        f"cider: images of stitch part {part} are missing; it is stitched again",
+        file=sys.stderr,
+    )
 
 
 wildcard_constraints:
     batch=r"b\d+",
-    unit=r"u\d+",
-    name=r"[^/]+",
+    group=r"g\d+",
+    part=r"p\d+",
 
 
 def settings(*keys, **parts):
@@ -31,35 +42,27 @@ def settings(*keys, **parts):
     return {**{key: config[key] for key in keys}, **parts}
 
 
-def units_of_batch(wildcards):
-    """Intensity range (and background) of the batch's units, and the PSF file if any."""
-    units = dict.fromkeys(
-        PLAN.tile(t).unit_id for t in PLAN.batch(wildcards.batch).tiles
+def groups_of_batch(wildcards):
+    """Intensity records (and backgrounds) of the batch's units, and the PSF file if any."""
+    groups = dict.fromkeys(
+        PLAN.group_of(PLAN.tile(t).unit_id) for t in PLAN.batch(wildcards.batch).tiles
     )
-    files = [str(PATHS.intensity(unit)) for unit in units]
+    files = [str(PATHS.intensity(group)) for group in groups]
     if config["background"]["enabled"]:
-        files += [str(PATHS.background(unit)) for unit in units]
+        files += [str(PATHS.background(group)) for group in groups]
     if config["psf"]["file"]:
         files.append(config["psf"]["file"])  # a changed PSF file reruns the fits
     return files
 
 
-def batches_of_name(wildcards):
-    """Restored tiles of every unit (time point, channel) of one input file, by batch."""
-    return [str(PATHS.tiles(b)) for b in PLAN.batches_of(wildcards.name)]
+def batches_of_part(wildcards):
+    """Restored tiles of every unit of the part's input files, by batch."""
+    return [str(PATHS.tiles(b)) for b in PLAN.batches_of_part(wildcards.part)]
 
 
 def background_outputs():
-    """Intensity range always; the background array only when background removal is on."""
-    outputs = {"intensity": str(PATHS.intensity("{unit}"))}
+    """Intensity records always; the backgrounds only when background removal is on."""
+    outputs = {"intensity": str(PATHS.intensity("{group}"))}
     if config["background"]["enabled"]:
-        outputs["background"] = directory(str(PATHS.background("{unit}")))
-    return outputs
-
-
-def stitch_outputs():
-    """OME-Zarr always; TIFF when stitch.tiff is true."""
-    outputs = {"image": directory(str(PATHS.image("{name}")))}
-    if config["stitch"]["tiff"]:
-        outputs["tiff"] = str(PATHS.tiff("{name}"))
+        outputs["background"] = directory(str(PATHS.background("{group}")))
     return outputs

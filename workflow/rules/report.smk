@@ -1,6 +1,9 @@
+# The QC page of the run (report/index.html, summary.json, tiles.csv): reads the outputs'
+# low pyramid levels and thin slabs across tile boundaries, so it runs as a normal
+# (cluster) job in bounded memory.
 rule report:
     input:
-        images=[str(PATHS.image(name)) for name in PLAN.names],
+        stitched=[str(PATHS.stitched(part)) for part in PARTS],
         metrics=[str(PATHS.metrics(batch)) for batch in BATCHES],
     output:
         html=str(PATHS.report()),
@@ -8,8 +11,9 @@ rule report:
         str(LOGS / "report.log"),
     benchmark:
         str(BENCH / "report.tsv")
-    localrule: True
     conda:
         ENV
+    resources:
+        mem_mb=4000,
     script:
         "../../scripts/report.py"

@@ -1,7 +1,7 @@
 """Glue between the Snakemake workflow and the library, one module per job.
 
 - :mod:`.config`: the dataset config (schema, defaults, validation);
-- :mod:`.plan`: paths of a run and the tile plan (units, tiles, batches);
+- :mod:`.plan`: paths of a run and the plan (units, tiles, fit batches, job groups);
 - :mod:`.steps`: one ``run_*`` function per rule;
 - :mod:`.report`: the QC report;
 - :mod:`.glue`: config and wildcards for a rule script (Snakemake or shell).
@@ -12,9 +12,32 @@ wildcard, so a rule can also be run alone from the shell (see ``scripts/*.py``).
 
 from .config import SCHEMA, load_config, validate_config
 from .glue import ALLOW_CPU_ENV, require_gpu, script_args
-from .plan import Batch, Paths, Plan, Unit, input_files, make_batches, make_plan, make_psf, paths
-from .report import run_report, seam_score, sharpness
-from .steps import FAIL_ENV, TileReader, run_background, run_fit, run_prepare, run_stitch, tile_metrics
+from .plan import (
+    Batch,
+    Group,
+    Paths,
+    Plan,
+    Unit,
+    drop_stale_manifests,
+    input_files,
+    make_batches,
+    make_groups,
+    make_plan,
+    make_psf,
+    paths,
+)
+from .report import boundary_seams, run_report, tile_flags
+from .steps import (
+    FAIL_ENV,
+    TileReader,
+    run_background,
+    run_fit,
+    run_prepare,
+    run_stitch,
+    stitch_name,
+    tile_metrics,
+    unit_background,
+)
 
 __all__ = [
     "SCHEMA",
@@ -24,22 +47,27 @@ __all__ = [
     "require_gpu",
     "script_args",
     "Batch",
+    "Group",
     "Paths",
     "Plan",
     "Unit",
+    "drop_stale_manifests",
     "input_files",
     "make_batches",
+    "make_groups",
     "make_plan",
     "make_psf",
     "paths",
+    "boundary_seams",
     "run_report",
-    "seam_score",
-    "sharpness",
+    "tile_flags",
     "FAIL_ENV",
     "TileReader",
     "run_background",
     "run_fit",
     "run_prepare",
     "run_stitch",
+    "stitch_name",
     "tile_metrics",
+    "unit_background",
 ]

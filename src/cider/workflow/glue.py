@@ -39,7 +39,7 @@ def script_args(rule: str, namespace: dict) -> tuple[dict, dict]:
 
     Under Snakemake (``script:``) the ``snakemake`` object supplies the validated config
     and wildcards, and stdout/stderr go to the rule's log. Run alone, the script takes
-    ``--config FILE`` and ``--batch``/``--unit``/``--name``.
+    ``--config FILE`` and ``--batch``/``--group``/``--part``.
     """
     if rule != "fit":  # the fit reallocates its large tensors every iteration (see below)
         _fixed_mmap_threshold()
@@ -57,12 +57,12 @@ def script_args(rule: str, namespace: dict) -> tuple[dict, dict]:
 
     parser = argparse.ArgumentParser(description=f"run the '{rule}' rule of the cider workflow alone")
     parser.add_argument("--config", default="config/config.yaml", help="dataset config (YAML)")
-    for key in ("batch", "unit", "name"):
+    for key in ("batch", "group", "part"):
         parser.add_argument(f"--{key}", help=f"the rule's {key} wildcard")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     _set_threads(args.threads)
-    wildcards = {k: getattr(args, k) for k in ("batch", "unit", "name") if getattr(args, k)}
+    wildcards = {k: getattr(args, k) for k in ("batch", "group", "part") if getattr(args, k)}
     return load_config(args.config), wildcards
 
 

@@ -36,12 +36,13 @@ class Paths:
         """The tile plan, written once (see :func:`make_plan`)."""
         return self.work / "plan.json"
 
-    def background(self, unit: str) -> Path:
-        """The unit's wavelet background (Zarr array, chunked like the input)."""
-        return self.work / "background" / f"{unit}.zarr"
+    def background(self, group: str) -> Path:
+        """Wavelet backgrounds of a group's units (Zarr group, one array per unit id)."""
+        return self.work / "background" / f"{group}.zarr"
 
-    def intensity(self, unit: str) -> Path:
-        return self.work / "background" / f"{unit}.json"
+    def intensity(self, group: str) -> Path:
+        """Intensity scale, noise model and feature range of a group's units, by unit id."""
+        return self.work / "background" / f"{group}.json"
 
     def tiles(self, batch: str) -> Path:
         """Restored padded tiles of one batch, one array per tile id."""
@@ -50,6 +51,10 @@ class Paths:
     def metrics(self, batch: str) -> Path:
         """Fit metrics of one batch's tiles."""
         return self.work / "metrics" / f"{batch}.json"
+
+    def stitched(self, part: str) -> Path:
+        """What one ``stitch`` job wrote (its images and TIFFs): its Snakemake output."""
+        return self.work / "stitched" / f"{part}.json"
 
     def image(self, name: str) -> Path:
         return self.output / f"{name}.ome.zarr"
@@ -64,6 +69,33 @@ class Paths:
 def paths(config: dict) -> Paths:
     output = Path(config["output_dir"])
     return Paths(output, Path(config.get("work_dir") or output / "work"))
+
+
+def drop_stale_manifests(run: Paths, part_ids: Sequence[str]) -> list[str]:
+    """Remove the stitch records whose images (or TIFFs) are no longer all there.
+
+    A ``stitch`` job's Snakemake output is its record (``work/stitched/{part}.json``), not
+    the images it lists, so that one job can write many images. A record whose files were
+    deleted or moved is removed here, and Snakemake then stitches that part again.
+
+    Returns
+    -------
+    list[str]
+        The ids of the parts whose records were removed.
+    """
+    dropped = []
+    for part in part_ids:
+        record = run.stitched(part)
+        if not record.exists():
+            continue
+        try:
+            files = [f for entry in json.loads(record.read_text())["images"].values() for f in entry["files"]]
+        except (OSError, ValueError, KeyError):
+            files = [str(record / "unreadable")]
+        if not all(os.path.exists(f) for f in files):
+            record.unlink()
+            dropped.append(part)
+    return dropped
 
 
 # ------------------------------------------------------------------------------- plan
@@ -89,10 +121,28 @@ class Unit:
 
 @dataclass(frozen=True)
 class Batch:
-    """Same-shape tiles fitted together by one ``fit`` job (``fit.batch_size`` at most)."""
+    """The tiles one ``fit`` job restores, in passes of same-shape tiles.
+
+    A pass (≤ ``fit.batch_size`` tiles of one padded shape) is fitted together in one
+    forward pass. Tiles of images cut into several tiles fill one pass per job; images that
+    are a single tile each (a folder of small images) are packed ``jobs.images_per_job``
+    to a job, in as many passes as their shapes need.
+    """
 
     id: str
-    tiles: tuple[str, ...]
+    passes: tuple[tuple[str, ...], ...]
+
+    @property
+    def tiles(self) -> tuple[str, ...]:
+        return tuple(tile for one_pass in self.passes for tile in one_pass)
+
+
+@dataclass(frozen=True)
+class Group:
+    """What one job handles for a whole-image step: units (``background``) or names (``stitch``)."""
+
+    id: str
+    members: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -106,6 +156,8 @@ class Plan:
     psf_shape: tuple[int, ...]
     margin: tuple[int, ...]
     blend: tuple[int, ...]
+    groups: tuple[Group, ...] = ()  # units per background job
+    parts: tuple[Group, ...] = ()  # names (input files) per stitch job
     inputs: tuple[tuple[str, tuple[int, int]], ...] = ()  # (file, fingerprint) of every input
 
     def to_dict(self) -> dict:
@@ -113,8 +165,10 @@ class Plan:
         return {
             "units": [u.to_dict() for u in self.units],
             "tiles": [t.to_dict() for t in self.tiles],
-            "batches": [{"id": b.id, "tiles": list(b.tiles)} for b in self.batches],
+            "batches": [{"id": b.id, "passes": [list(p) for p in b.passes]} for b in self.batches],
             "names": list(self.names),
+            "groups": {g.id: list(g.members) for g in self.groups},
+            "parts": {g.id: list(g.members) for g in self.parts},
             "psf_shape": list(self.psf_shape),
             "margin": list(self.margin),
             "blend": list(self.blend),
@@ -137,7 +191,7 @@ class Plan:
             )
             for t in data["tiles"]
         )
-        batches = tuple(Batch(b["id"], tuple(b["tiles"])) for b in data["batches"])
+        batches = tuple(Batch(b["id"], tuple(tuple(p) for p in b["passes"])) for b in data["batches"])
         inputs = tuple((file, tuple(print_)) for file, print_ in data["inputs"].items())
         return cls(
             units,
@@ -147,6 +201,8 @@ class Plan:
             tuple(data["psf_shape"]),
             tuple(data["margin"]),
             tuple(data["blend"]),
+            tuple(Group(k, tuple(v)) for k, v in data["groups"].items()),
+            tuple(Group(k, tuple(v)) for k, v in data["parts"].items()),
             inputs,
         )
 
@@ -187,29 +243,118 @@ class Plan:
     def _batch_of_tile(self) -> dict[str, str]:
         return {t: b.id for b in self.batches for t in b.tiles}
 
+    def unit(self, unit_id: str) -> Unit:
+        return self._units_by_id[unit_id]
+
+    def group(self, group_id: str) -> Group:
+        return self._groups_by_id[group_id]
+
+    def part(self, part_id: str) -> Group:
+        return self._parts_by_id[part_id]
+
+    def group_of(self, unit_id: str) -> str:
+        """Id of the background group of unit ``unit_id``."""
+        return self._group_of_unit[unit_id]
+
     def tiles_of(self, unit_id: str) -> list[Tile]:
-        return [t for t in self.tiles if t.unit_id == unit_id]
+        return self._tiles_of_unit.get(unit_id, [])
 
     def units_of(self, name: str) -> list[Unit]:
-        return [u for u in self.units if u.name == name]
+        return self._units_of_name.get(name, [])
 
-    def batches_of(self, name: str) -> list[str]:
-        """Ids of the batches holding tiles of input ``name`` (in plan order)."""
-        units = {u.id for u in self.units_of(name)}
-        return list(dict.fromkeys(self.batch_of(t.id) for t in self.tiles if t.unit_id in units))
+    def batches_of_part(self, part_id: str) -> list[str]:
+        """Ids of the batches holding tiles of the names of stitch part ``part_id`` (plan order)."""
+        units = [u for name in self.part(part_id).members for u in self.units_of(name)]
+        return list(dict.fromkeys(self.batch_of(t.id) for u in units for t in self.tiles_of(u.id)))
+
+    @cached_property
+    def _units_by_id(self) -> dict[str, Unit]:
+        return {u.id: u for u in self.units}
+
+    @cached_property
+    def _groups_by_id(self) -> dict[str, Group]:
+        return {g.id: g for g in self.groups}
+
+    @cached_property
+    def _parts_by_id(self) -> dict[str, Group]:
+        return {g.id: g for g in self.parts}
+
+    @cached_property
+    def _group_of_unit(self) -> dict[str, str]:
+        return {u: g.id for g in self.groups for u in g.members}
+
+    @cached_property
+    def _tiles_of_unit(self) -> dict[str, list[Tile]]:
+        by_unit: dict[str, list[Tile]] = {}
+        for tile in self.tiles:
+            by_unit.setdefault(tile.unit_id, []).append(tile)
+        return by_unit
+
+    @cached_property
+    def _units_of_name(self) -> dict[str, list[Unit]]:
+        by_name: dict[str, list[Unit]] = {}
+        for unit in self.units:
+            by_name.setdefault(unit.name, []).append(unit)
+        return by_name
 
 
-def make_batches(tiles: Sequence[Tile], batch_size: int) -> tuple[Batch, ...]:
-    """Group tiles of one padded shape, in plan order, into batches of ``batch_size``.
+def make_batches(tiles: Sequence[Tile], batch_size: int, images_per_job: int = 1) -> tuple[Batch, ...]:
+    """The fit jobs: tiles in passes of ≤ ``batch_size`` of one padded shape, in plan order.
 
     Tiles of one image all have one shape (``tile_grid(..., uniform=True)``); images of
-    the same shape share batches too.
+    the same shape share passes too. Tiles of images cut into several tiles get a job per
+    pass. Whole-image tiles (images no larger than a tile) are packed ``images_per_job``
+    to a job, a pass per shape, so a folder of N small images is ≈ N / images_per_job jobs
+    whatever their sizes.
     """
-    by_shape: dict[tuple[int, ...], list[str]] = {}
+    per_unit: dict[str, int] = {}
     for tile in tiles:
-        by_shape.setdefault(tile.padded_shape, []).append(tile.id)
-    groups = [ids[i : i + batch_size] for ids in by_shape.values() for i in range(0, len(ids), batch_size)]
-    return tuple(Batch(f"b{number}", tuple(ids)) for number, ids in enumerate(groups))
+        per_unit[tile.unit_id] = per_unit.get(tile.unit_id, 0) + 1
+    jobs: list[list[list[str]]] = []
+    for whole_images in (False, True):
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for tile in tiles:
+            if (per_unit[tile.unit_id] == 1) == whole_images:
+                by_shape.setdefault(tile.padded_shape, []).append(tile.id)
+        passes = [
+            ids[i : i + batch_size] for ids in by_shape.values() for i in range(0, len(ids), batch_size)
+        ]
+        if not whole_images:
+            jobs += [[one_pass] for one_pass in passes]
+            continue
+        per_job = max(batch_size, images_per_job)
+        job: list[list[str]] = []
+        for one_pass in passes:
+            while one_pass:
+                room = per_job - sum(map(len, job))
+                if room == 0:
+                    jobs.append(job)
+                    job, room = [], per_job
+                job.append(one_pass[:room])
+                one_pass = one_pass[room:]
+        if job:
+            jobs.append(job)
+    return tuple(Batch(f"b{n}", tuple(tuple(p) for p in job)) for n, job in enumerate(jobs))
+
+
+GROUP_VOXELS = 2**26  # most voxels one background or stitch job takes on when it groups images
+
+
+def make_groups(sizes: Sequence[tuple[str, int]], most: int, prefix: str) -> tuple[Group, ...]:
+    """Consecutive items (id, voxels) into groups of ≤ ``most`` items and ≤ ``GROUP_VOXELS``.
+
+    An item larger than ``GROUP_VOXELS`` (a large volume) is a group of its own; small
+    images (a folder) are ``most`` to a group. Ids are ``prefix`` + number.
+    """
+    groups: list[list[str]] = []
+    voxels = 0
+    for item, size in sizes:
+        if not groups or len(groups[-1]) == most or voxels + size > GROUP_VOXELS:
+            groups.append([])
+            voxels = 0
+        groups[-1].append(item)
+        voxels += size
+    return tuple(Group(f"{prefix}{number}", tuple(members)) for number, members in enumerate(groups))
 
 
 def input_files(config: dict) -> list[str]:
@@ -392,8 +537,24 @@ def _cached_plan(config_json: str) -> Plan:
             f"tiles {small[:3]} are smaller than the PSF {psf_shape}; increase 'tiling.tile_size'"
         )
     names = tuple(dict.fromkeys(u.name for u in units))
-    batches = make_batches(tiles, config["fit"]["batch_size"])
-    return Plan(tuple(units), tuple(tiles), batches, names, tuple(psf_shape), tuple(margin), tuple(blend))
+    per_job = config["jobs"]["images_per_job"]
+    batches = make_batches(tiles, config["fit"]["batch_size"], per_job)
+    groups = make_groups([(u.id, int(np.prod(u.shape))) for u in units], per_job, "g")
+    voxels_of_name: dict[str, int] = {}
+    for u in units:
+        voxels_of_name[u.name] = voxels_of_name.get(u.name, 0) + int(np.prod(u.shape))
+    parts = make_groups(list(voxels_of_name.items()), per_job, "p")
+    return Plan(
+        tuple(units),
+        tuple(tiles),
+        batches,
+        names,
+        tuple(psf_shape),
+        tuple(margin),
+        tuple(blend),
+        groups,
+        parts,
+    )
 
 
 def per_axis(value, ndim: int, key: str) -> tuple[int, ...]:
@@ -405,7 +566,15 @@ def per_axis(value, ndim: int, key: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-PLAN_KEYS = ("input", "psf", "tiling", "fit", "output_dir", "work_dir")  # the config the plan depends on
+PLAN_KEYS = (
+    "input",
+    "psf",
+    "tiling",
+    "fit",
+    "jobs",
+    "output_dir",
+    "work_dir",
+)  # the config the plan depends on
 
 
 def make_plan(config: dict) -> Plan:

@@ -1,88 +1,346 @@
-"""The QC report of a run: per-tile metrics, before/after previews, sharpness and seams."""
+"""The QC report of a run: the page a facility engineer checks a run by.
+
+What it shows: before/after views of the images (maximum projections for volumes) at
+one shared contrast, the loss curves of the tiles, a table of every tile (time, device,
+iterations, final loss, χ², flux factor, flags; all of them in ``tiles.csv``) and, per
+image, a map of its tiles coloured by their flags (fit still improving, outliers, seams).
+
+Memory is bounded by chunks, never by an image: the "after" view comes from a low level
+of the output's OME-Zarr pyramid, the "before" view from a block average of the prepared
+input computed chunk by chunk with dask, and seams are measured on thin slabs across
+each tile boundary. Nothing is stitched again.
+"""
 
 from __future__ import annotations
 
+import csv
+import html
 import os
+import statistics
+from pathlib import Path
 
 import numpy as np
 
 from .. import io
-from ..tiling import Tile, stitch
-from .plan import make_plan, paths
-from .steps import TileReader, tile_metrics, unit_array
+from ..tiling import Tile
+from .plan import Plan, Unit, make_plan, paths
+from .steps import tile_metrics, unit_array
+
+PREVIEW_SIDE = 512  # longest side of a preview wanted, pixels (the coarsest level that has it)
+MOST_VIEWS = 24  # images shown with previews: flagged ones first, then evenly spaced
+MOST_ROWS = 500  # tile rows in the page; every tile is in tiles.csv
+MOST_CURVES = 200  # loss curves drawn: flagged tiles first, then evenly spaced
+SEAM_LIMIT = 1.5  # a tile's boundary gradient ratio (output / input) above this: "seam"
+CHI2_OUTLIER = 3.0  # a tile's χ² above this × the run's median: "chi2 outlier"
+FLUX_RANGE = (0.8, 1.25)  # a flux factor outside: "flux factor"
+STILL_FALLING = 0.01  # loss fell by more than this share of its total fall in the last tenth
+COLOURS = {"ok": "#4caf50", "still improving": "#ff9800", "other": "#e53935"}
 
 
-def sharpness(image: np.ndarray) -> float:
-    """Mean absolute Laplacian over the 1–99.9 % intensity span: higher is sharper."""
-    image = np.asarray(image, dtype=np.float64)
-    low, high = np.percentile(image, [1, 99.9])
-    lap = sum(np.diff(image, 2, axis=a)[tuple(slice(1, -1) if b != a else slice(None) for b in range(image.ndim))]
-              for a in range(image.ndim))  # fmt: skip
-    return float(np.abs(lap).mean() / max(high - low, 1e-12))
+def still_falling(losses: list[float]) -> bool:
+    """True if the loss was still falling at the end: the fit had not converged.
+
+    The loss fell in its last tenth by more than ``STILL_FALLING`` of its whole fall.
+    """
+    if len(losses) < 10:
+        return False
+    total = losses[0] - min(losses)
+    tail = losses[-max(2, len(losses) // 10)]
+    return total > 0 and (tail - losses[-1]) > STILL_FALLING * total
 
 
-def seam_score(image: np.ndarray, tiles: list[Tile]) -> float:
-    """Mean |gradient| across inner core boundaries over the mean |gradient| elsewhere (≈ 1: no seams)."""
-    image = np.asarray(image, dtype=np.float64)
-    at_seam, total, count_seam, count = 0.0, 0.0, 0, 0
-    for axis in range(image.ndim):
-        grad = np.abs(np.diff(image, axis=axis))
-        cuts = sorted({t.core[axis][0] for t in tiles if t.core[axis][0] > 0})
-        seam = np.take(grad, [c - 1 for c in cuts], axis=axis) if cuts else np.zeros(0)
-        at_seam, count_seam = at_seam + seam.sum(), count_seam + seam.size
-        total, count = total + grad.sum(), count + grad.size
-    if not count_seam:
-        return 1.0
-    return float((at_seam / count_seam) / (total / count))
+def tile_flags(record: dict, median_chi2: float | None, seam: float | None) -> list[str]:
+    """What is suspicious about one tile's fit (empty: nothing)."""
+    flags = []
+    if record.get("stopped") == "iterations" and still_falling(record.get("loss_history") or []):
+        flags.append("still improving")
+    chi2 = record.get("chi2")
+    if chi2 is not None and median_chi2 and chi2 > CHI2_OUTLIER * median_chi2:
+        flags.append("chi2 outlier")
+    factor = record.get("flux_factor", 1.0)
+    if not FLUX_RANGE[0] <= factor <= FLUX_RANGE[1]:
+        flags.append("flux factor")
+    if seam is not None and seam > SEAM_LIMIT:
+        flags.append("seam")
+    return flags
 
 
-def _preview(image: np.ndarray) -> np.ndarray:
-    plane = image.max(axis=0) if image.ndim == 3 else image
-    low, high = np.percentile(plane, [0.5, 99.8])
-    return np.clip((plane - low) / max(high - low, 1e-12) * 255, 0, 255).astype(np.uint8)
+def _zone_and_rest(block: np.ndarray, axis: int, zone: range) -> tuple[float, float]:
+    """Mean |difference| along ``axis`` inside the difference indices ``zone``, and outside."""
+    steps = np.abs(np.diff(np.asarray(block, dtype=np.float64), axis=axis))
+    inside = np.take(steps, list(zone), axis=axis)
+    rest = np.delete(steps, list(zone), axis=axis)
+    return float(inside.mean()), float(rest.mean()) if rest.size else 0.0
+
+
+def boundary_seams(before, after, prefix: tuple[int, ...], tiles: list[Tile], blend) -> dict[str, float]:
+    """Seam score per tile: how much steeper the output is across the tile's lower core
+    boundaries (over the blending ramp, ± ``blend``) than beside them, relative to the same
+    ratio in the input (≈ 1: no seam; tiles that disagree give a step over the ramp).
+
+    Reads ``4 × blend + 4`` pixels across each boundary over the tile's core face, from
+    ``before`` (the prepared input) and ``after`` (the output's level 0; ``prefix`` its
+    time/channel index). Tiles with no inner boundary are left out.
+    """
+    seams = {}
+    shape = before.shape
+    for tile in tiles:
+        output_sum, input_sum = [0.0, 0.0], [0.0, 0.0]
+        for axis, (start, _) in enumerate(tile.core):
+            if start == 0:
+                continue
+            half = blend[axis]
+            low, high = max(0, start - 2 * half - 2), min(shape[axis], start + 2 * half + 2)
+            zone = range(max(0, start - half - 1 - low), min(high - low - 1, start + half - low))
+            window = tuple(slice(low, high) if a == axis else slice(*tile.core[a]) for a in range(len(shape)))
+            for sums, array, index in ((output_sum, after, (*prefix, *window)), (input_sum, before, window)):
+                inside, rest = _zone_and_rest(array[index], axis, zone)
+                sums[0], sums[1] = sums[0] + inside, sums[1] + rest
+        if output_sum[1] > 0 and input_sum[1] > 0:
+            ratio_out = output_sum[0] / output_sum[1]
+            ratio_in = input_sum[0] / input_sum[1]
+            seams[tile.id] = ratio_out / max(ratio_in, 1e-12)
+    return seams
+
+
+def _level_for_preview(image) -> str:
+    """The coarsest pyramid level whose longest Y/X side still has ``PREVIEW_SIDE`` pixels."""
+    levels = sorted((k for k in image.array_keys() if k.isdigit()), key=int)
+    for key in reversed(levels):
+        if max(image[key].shape[-2:]) >= PREVIEW_SIDE:
+            return key
+    return levels[0]
+
+
+def _projection(array, step: tuple[int, ...]) -> np.ndarray:
+    """Block average by ``step`` (Y, X), then the maximum over Z: computed chunk by chunk
+    into the result (memory: the result and a chunk)."""
+    import dask
+    import dask.array as da
+
+    lazy = array if isinstance(array, da.Array) else da.from_zarr(array)
+    full_step = (1,) * (lazy.ndim - 2) + tuple(step)
+    if any(s > 1 for s in full_step):
+        lazy = io.block_mean(lazy.astype(np.float32), full_step)
+    if lazy.ndim == 3:
+        lazy = lazy.max(axis=0)
+    result = np.empty(lazy.shape, dtype=np.float32)
+    with dask.config.set(scheduler="synchronous"):
+        da.store(lazy.astype(np.float32), result, lock=False)
+    return result
+
+
+def previews(config: dict, unit: Unit) -> tuple[np.ndarray, np.ndarray, int]:
+    """8-bit before/after views of a unit at one shared contrast, and their downsampling.
+
+    After: the coarsest output level with ``PREVIEW_SIDE`` pixels; before: the prepared
+    input block-averaged to the same grid. Both are maximum projections over Z for
+    volumes and are mapped with one display range (0.5–99.8 % of both together), so
+    brightness can be compared between them.
+    """
+    import dask.array as da
+    import zarr
+
+    image = zarr.open_group(str(paths(config).image(unit.name)), mode="r")
+    key = _level_for_preview(image)
+    level = da.from_zarr(image[key])[unit.index]
+    step = tuple(max(1, n // m) for n, m in zip(unit.shape[-2:], level.shape[-2:]))
+    after = _projection(level, (1, 1))
+    before = _projection(unit_array(config, unit.id), step)[: after.shape[0], : after.shape[1]]
+    sample = np.concatenate([before[::2, ::2].ravel(), after[::2, ::2].ravel()])  # display range
+    low, high = np.percentile(sample, [0.5, 99.8])
+    scale = 255 / max(float(high - low), 1e-12)
+
+    def to_bytes(view: np.ndarray) -> np.ndarray:
+        view = view - low
+        view *= scale
+        return np.clip(view, 0, 255, out=view).astype(np.uint8)
+
+    return to_bytes(before), to_bytes(after), step[-1]
+
+
+def _tile_map(tiles: list[Tile], flags: dict[str, list[str]], shape, scale: float) -> str:
+    """SVG of a unit's tile cores (Y/X footprint; the worst flag over Z), coloured by flag."""
+    worst: dict[tuple, str] = {}
+    rank = {"ok": 0, "still improving": 1, "other": 2}
+    for tile in tiles:
+        mark = flags.get(tile.id) or ["ok"]
+        level = "still improving" if mark == ["still improving"] else ("ok" if mark == ["ok"] else "other")
+        footprint = tuple(tile.core[-2:])
+        if rank[level] >= rank[worst.get(footprint, "ok")]:
+            worst[footprint] = level
+    height, width = (max(1, round(n / scale)) for n in shape[-2:])
+    rects = "".join(
+        f"<rect x='{x0 / scale:.1f}' y='{y0 / scale:.1f}' width='{(x1 - x0) / scale:.1f}' "
+        f"height='{(y1 - y0) / scale:.1f}' fill='{COLOURS[level]}' fill-opacity='0.35' stroke='#333'/>"
+        for ((y0, y1), (x0, x1)), level in worst.items()
+    )
+    return f"<svg width='{width}' height='{height}' style='border:1px solid #999'>{rects}</svg>"
+
+
+def _curves(records: list[dict], flagged: set[str]) -> str:
+    """SVG of loss curves, each scaled to its own range (shape of convergence); flagged red."""
+    chosen = [r for r in records if r["tile"] in flagged][:MOST_CURVES]
+    rest = [r for r in records if r["tile"] not in flagged]
+    room = MOST_CURVES - len(chosen)
+    if room > 0 and rest:
+        chosen += [rest[i] for i in sorted(set(np.linspace(0, len(rest) - 1, room).round().astype(int)))]
+    width, height, lines = 480, 200, []
+    for record in chosen:
+        losses = np.asarray(record.get("loss_history") or [], dtype=float)
+        if losses.size < 2:
+            continue
+        span = max(float(losses.max() - losses.min()), 1e-12)
+        xs = np.linspace(0, width, losses.size)
+        ys = height - (losses - losses.min()) / span * height
+        points = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
+        colour = "#e53935" if record["tile"] in flagged else "#1e88e5"
+        lines.append(f"<polyline points='{points}' fill='none' stroke='{colour}' stroke-opacity='0.4'/>")
+    return f"<svg width='{width}' height='{height}' style='border:1px solid #999'>{''.join(lines)}</svg>"
+
+
+def _shown_units(plan: Plan, flagged_units: set[str]) -> list[Unit]:
+    """The units given previews: flagged ones first, then evenly spaced others."""
+    first = [u for u in plan.units if u.id in flagged_units][:MOST_VIEWS]
+    others = [u for u in plan.units if u.id not in flagged_units]
+    room = MOST_VIEWS - len(first)
+    if room > 0 and others:
+        first += [others[i] for i in sorted(set(np.linspace(0, len(others) - 1, room).round().astype(int)))]
+    return first
+
+
+def _write_table(path: Path, records: list[dict], flags: dict[str, list[str]], seams: dict) -> None:
+    columns = (
+        "tile unit batch seconds device iterations stopped final_loss chi2 flux_factor seam flags".split()
+    )
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for record in records:
+            row = {**record, "device": record.get("device_name", record["device"])}
+            row["seam"] = round(seams[record["tile"]], 3) if record["tile"] in seams else ""
+            row["flags"] = ";".join(flags.get(record["tile"], []))
+            writer.writerow([row.get(c, "") for c in columns])
+    os.replace(tmp, path)
+
+
+def _row(record: dict, flags: list[str], seam: float | None) -> str:
+    loss = record.get("final_loss")
+    cells = [
+        record["tile"],
+        record.get("unit", ""),
+        record.get("seconds", ""),
+        record.get("device_name", record.get("device", "")),
+        record.get("iterations", ""),
+        record.get("stopped", ""),
+        f"{loss:.4f}" if loss is not None else "",
+        f"{record['chi2']:.3g}" if record.get("chi2") is not None else "",
+        f"{record.get('flux_factor', 1.0):.3f}",
+        f"{seam:.2f}" if seam is not None else "",
+        ", ".join(flags),
+    ]
+    style = " style='background:#fde0dc'" if flags else ""
+    return f"<tr{style}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
 
 
 def run_report(config: dict) -> dict:
-    """QC summary: per-tile metrics table, before/after previews, sharpness and seam scores."""
+    """Write the report (``report/index.html``, ``summary.json``, ``tiles.csv``, previews)."""
+    import zarr
+
     plan, p = make_plan(config), paths(config)
     folder = p.report().parent
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = tile_metrics(config)
-    read_tile = TileReader(config)
+    records = tile_metrics(config)
+    chi2s = [r["chi2"] for r in records if r.get("chi2") is not None]
+    median_chi2 = statistics.median(chi2s) if chi2s else None
+    seams: dict[str, float] = {}
+    for unit in plan.units:
+        after = zarr.open_group(str(p.image(unit.name)), mode="r")["0"]
+        seams |= boundary_seams(
+            unit_array(config, unit.id), after, unit.index, plan.tiles_of(unit.id), plan.blend
+        )
+    flags = {r["tile"]: tile_flags(r, median_chi2, seams.get(r["tile"])) for r in records}
+    flags = {tile: found for tile, found in flags.items() if found}
     units = []
     for unit in plan.units:
-        before = np.asarray(unit_array(config, unit.id)[...])
-        after = stitch(plan.tiles_of(unit.id), read_tile, unit.shape, plan.blend)
-        for kind, image in (("before", before), ("after", after)):
-            io.write_image(folder / f"{unit.id}_{kind}.png", _preview(image))
-        units.append({"unit": unit.id, "name": unit.name, "index": list(unit.index), "shape": list(unit.shape),
-                      "sharpness_before": sharpness(before), "sharpness_after": sharpness(after),
-                      "seam_ratio": seam_score(after, plan.tiles_of(unit.id))
-                      / max(seam_score(before, plan.tiles_of(unit.id)), 1e-12)})  # fmt: skip
-    summary = {"dataset": config["name"], "tiles": len(metrics), "units": units,
-               "fit_seconds_total": round(sum(m["seconds"] for m in metrics), 1),
-               "devices": sorted({m.get("device_name", m["device"]) for m in metrics}),
-               "outputs": [str(p.image(n)) for n in plan.names]}  # fmt: skip
-    rows = "".join(
-        f"<tr><td>{m['tile']}</td><td>{m['iterations']}</td><td>{m['final_loss']:.4f}</td>"
-        f"<td>{m['seconds']}</td><td>{m.get('device_name', m['device'])}</td></tr>"
-        for m in metrics
-    )
-    views = "".join(
-        f"<h3>{u['name']} {u['unit']} {u['index']}</h3><p>sharpness {u['sharpness_before']:.4f} → "
-        f"{u['sharpness_after']:.4f}; seam ratio {u['seam_ratio']:.2f} (gradient across tile "
-        "boundaries relative to the input's; ≤ 1: no seams added)</p>"
-        f"<img src='{u['unit']}_before.png' width=300> <img src='{u['unit']}_after.png' width=300>"
-        for u in units
-    )
-    html = (f"<html><head><meta charset='utf-8'><title>cider report: {config['name']}</title></head><body>"
-            f"<h1>cider report: {config['name']}</h1><p>{len(metrics)} tiles, {summary['fit_seconds_total']} s of "
-            f"fitting on {', '.join(summary['devices'])}. Outputs: {', '.join(summary['outputs'])}</p>"
-            f"<h2>Before / after (max projection for volumes)</h2>{views}<h2>Tiles</h2><table border=1>"
-            f"<tr><th>tile</th><th>iterations</th><th>final loss</th><th>seconds</th><th>device</th></tr>{rows}"
-            "</table></body></html>")  # fmt: skip
+        unit_seams = [seams[t.id] for t in plan.tiles_of(unit.id) if t.id in seams]
+        units.append(
+            {
+                "unit": unit.id,
+                "name": unit.name,
+                "index": list(unit.index),
+                "shape": list(unit.shape),
+                "seam_ratio": float(np.mean(unit_seams)) if unit_seams else 1.0,
+                "seam_worst": float(max(unit_seams)) if unit_seams else 1.0,
+                "flagged_tiles": [t.id for t in plan.tiles_of(unit.id) if t.id in flags],
+            }
+        )
+    flagged_units = {u["unit"] for u in units if u["flagged_tiles"]}
+    views = []
+    for unit in _shown_units(plan, flagged_units):
+        before, after, scale = previews(config, unit)
+        for kind, view in (("before", before), ("after", after)):
+            io.write_image(folder / f"{unit.id}_{kind}.png", view)
+        record = next(u for u in units if u["unit"] == unit.id)
+        views.append(_view(unit, record, _tile_map(plan.tiles_of(unit.id), flags, unit.shape, scale)))
+    _write_table(folder / "tiles.csv", records, flags, seams)
+    summary = {
+        "dataset": config["name"],
+        "tiles": len(records),
+        "flagged": flags,
+        "units": units,
+        "fit_seconds_total": round(sum(r["seconds"] for r in records), 1),
+        "devices": sorted({r.get("device_name", r["device"]) for r in records}),
+        "outputs": [str(p.image(n)) for n in plan.names],
+    }
+    page = _page(config, summary, records, flags, seams, views)
     io.atomic_write_json(folder / "summary.json", summary)
     tmp = p.report().with_suffix(".tmp")
-    tmp.write_text(html)
+    tmp.write_text(page)
     os.replace(tmp, p.report())
     return summary
+
+
+def _view(unit: Unit, record: dict, tile_map: str) -> str:
+    flagged = record["flagged_tiles"]
+    return (
+        f"<h3>{html.escape(unit.name)} {unit.id} {unit.index}</h3>"
+        f"<p>seam score mean {record['seam_ratio']:.2f}, worst {record['seam_worst']:.2f} "
+        f"(gradient across tile boundaries relative to the input's; ≈ 1: no seam); "
+        f"{len(flagged)} flagged tile(s){': ' + ', '.join(flagged[:20]) if flagged else ''}</p>"
+        f"<div style='display:flex;gap:8px;align-items:flex-start'>"
+        f"<figure><img src='{unit.id}_before.png'><figcaption>before</figcaption></figure>"
+        f"<figure><img src='{unit.id}_after.png'><figcaption>after</figcaption></figure>"
+        f"<figure>{tile_map}<figcaption>tiles</figcaption></figure></div>"
+    )
+
+
+def _page(config, summary, records, flags, seams, views) -> str:
+    flagged = set(flags)
+    ordered = [r for r in records if r["tile"] in flagged] + [r for r in records if r["tile"] not in flagged]
+    rows = "".join(_row(r, flags.get(r["tile"], []), seams.get(r["tile"])) for r in ordered[:MOST_ROWS])
+    more = f"<p>{len(records) - MOST_ROWS} more rows in tiles.csv</p>" if len(records) > MOST_ROWS else ""
+    titles = ("tile", "unit", "seconds", "device", "iterations", "stopped", "final loss", "χ²", "flux factor")
+    header = "".join(f"<th>{c}</th>" for c in (*titles, "seam", "flags"))
+    legend = " ".join(
+        f"<span style='background:{colour};opacity:0.6'>&nbsp;{name}&nbsp;</span>"
+        for name, colour in COLOURS.items()
+    )
+    name = html.escape(config["name"])
+    return (
+        f"<html><head><meta charset='utf-8'><title>cider report: {name}</title></head><body>"
+        f"<h1>cider report: {name}</h1>"
+        f"<p>{summary['tiles']} tiles, {len(flags)} flagged; {summary['fit_seconds_total']} s of fitting on "
+        f"{html.escape(', '.join(summary['devices']))}. Outputs: {html.escape(', '.join(summary['outputs']))}</p>"
+        f"<p>Flags: <b>still improving</b> (the loss fell by more than {STILL_FALLING:.0%} of its total in the "
+        f"last tenth of the iterations: more restore.iterations may help), <b>chi2 outlier</b> (χ² above "
+        f"{CHI2_OUTLIER:g}× the run's median), <b>flux factor</b> (outside {FLUX_RANGE[0]}–{FLUX_RANGE[1]}), "
+        f"<b>seam</b> (gradient ratio across the tile's boundaries above {SEAM_LIMIT:g}× the input's).</p>"
+        f"<h2>Before / after (maximum projection for volumes; one contrast for both)</h2>"
+        f"<p>Tile maps: {legend}</p>{''.join(views)}"
+        f"<h2>Loss curves (each scaled to its own range; flagged tiles red)</h2>"
+        f"{_curves(records, flagged)}"
+        f"<h2>Tiles (flagged first; all in <a href='tiles.csv'>tiles.csv</a>)</h2>"
+        f"<table border=1 cellspacing=0><tr>{header}</tr>{rows}</table>{more}</body></html>"
+    )

@@ -10,6 +10,8 @@ import json
 import math
 import os
 import time
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -86,9 +88,13 @@ def run_prepare(config: dict) -> None:
                 f"{unit.file} (unit {unit.id}, index {unit.index}): cannot read it ({err}); the file may be "
                 "damaged or have changed since planning: check it, then rerun"
             ) from err
-    summary = {"units": [u.to_dict() for u in plan.units],
-               "tiles": len(plan.tiles), "psf_shape": list(plan.psf_shape), "margin": list(plan.margin),
-               "blend": list(plan.blend)}  # fmt: skip
+    summary = {
+        "units": [u.to_dict() for u in plan.units],
+        "tiles": len(plan.tiles),
+        "psf_shape": list(plan.psf_shape),
+        "margin": list(plan.margin),
+        "blend": list(plan.blend),
+    }
     io.atomic_write_json(p.prepared(), summary)
 
 
@@ -101,30 +107,46 @@ def unit_array(config: dict, unit_id: str):
 NOISE_SAMPLES = 4_000_000  # Haar samples (2 × 2 blocks) the noise fit uses at most per unit
 
 
-def run_background(config: dict, unit_id: str) -> None:
+def run_background(config: dict, group_id: str) -> None:
+    """Background, intensity scale, noise model and feature range of a group's units.
+
+    Each unit (image) is handled whole, one after another (see :func:`unit_background`);
+    the backgrounds go into one Zarr group (an array per unit id), the records into one
+    JSON file keyed by unit id. Memory: one unit's plane and window, whatever the group.
+    """
+    import zarr
+
+    plan, p = make_plan(config), paths(config)
+    enabled = config["background"]["enabled"]
+    staging = io.staging_path(p.background(group_id))
+    root = zarr.open_group(str(staging), mode="w") if enabled else None
+    records = {unit: unit_background(config, unit, root) for unit in plan.group(group_id).members}
+    if root is not None:
+        io.publish_folder(p.background(group_id))
+    io.atomic_write_json(p.intensity(group_id), {"units": records})
+
+
+def unit_background(config: dict, unit_id: str, root=None) -> dict:
     """Background, intensity scale, noise model and feature range of one whole unit.
 
     Computed once per image so that all its tiles agree, in passes over the unit plane by
     plane (the image in 2D): (1) the peak; (2) the plane-wise wavelet background, written
-    into a chunked Zarr array, with the maximum, mean and range of the background-free
-    data and the Haar samples of the noise fit (from evenly spaced planes, ≤
-    ``NOISE_SAMPLES``); (3) the feature range of the scaled data, by windows
-    (:func:`_feature_range`). Memory: a plane and one window's features, not the unit.
+    into ``root[unit_id]`` (a chunked Zarr array; only when background removal is on), with
+    the maximum, mean and range of the background-free data and the Haar samples of the
+    noise fit (from evenly spaced planes, ≤ ``NOISE_SAMPLES``); (3) the feature range of
+    the scaled data, by windows (:func:`_feature_range`). Memory: a plane and one window's
+    features, not the unit.
     """
-    import zarr
-
     from ..background import plane_background
     from ..noise import fit_noise, haar_samples
 
-    p = paths(config)
     data = unit_array(config, unit_id)
     shape = data.shape
     planes = [slice(None)] if len(shape) == 2 else list(range(shape[0]))  # data[z] is 2D
     bg_cfg = BackgroundConfig(**config["background"])
     background = None
     if bg_cfg.enabled:
-        staging = io.staging_path(p.background(unit_id))
-        background = zarr.open_array(str(staging), mode="w", shape=shape, chunks=data.chunks, dtype="float32")
+        background = root.create_array(unit_id, shape=shape, chunks=data.chunks, dtype="float32")
         peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64)).max()) for z in planes) or 1.0
     sampled = _noise_planes(len(planes), int(np.prod(shape[-2:])) // 4)
     high, low, total, details, means = -np.inf, np.inf, 0.0, [], []
@@ -139,8 +161,6 @@ def run_background(config: dict, unit_id: str) -> None:
             detail, mean = haar_samples(plane)
             details.append(detail)
             means.append(mean)
-    if background is not None:
-        io.publish_folder(p.background(unit_id))
     scale = float(high) if high > 0 else 1.0
     noise = fit_noise(np.concatenate(details), np.concatenate(means), float(high - low))
     intensity = {
@@ -151,7 +171,7 @@ def run_background(config: dict, unit_id: str) -> None:
     value_range = _feature_range(data, background, scale, _restore_config(config, device="cpu"))
     if value_range is not None:
         intensity["feature_low"], intensity["feature_high"] = value_range
-    io.atomic_write_json(p.intensity(unit_id), intensity)
+    return intensity
 
 
 def _noise_planes(count: int, blocks_per_plane: int) -> set[int]:
@@ -207,13 +227,14 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     p = paths(config)
     window = tile.slices()
     unit_id = tile.unit_id
+    group = make_plan(config).group_of(unit_id)
     data = np.asarray(unit_array(config, unit_id)[window], dtype=np.float64)
     background = (
-        np.asarray(zarr.open_array(str(p.background(unit_id)), mode="r")[window])
+        np.asarray(zarr.open_array(str(p.background(group) / unit_id), mode="r")[window])
         if config["background"]["enabled"]
         else None
     )
-    intensity = json.loads(p.intensity(unit_id).read_text())
+    intensity = _intensity_records(str(p.intensity(group)))[unit_id]
     psf = make_psf(config, data.ndim)
     rcfg = _restore_config(config)
     noise = NoiseModel(**intensity["noise"])
@@ -229,6 +250,12 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         voxel_size=config["input"]["voxel_size"],
     )
     return prepared, rcfg, intensity
+
+
+@lru_cache(maxsize=4)
+def _intensity_records(path: str) -> dict:
+    """The background job's records of a group's units, by unit id (read once per job)."""
+    return json.loads(Path(path).read_text())["units"]
 
 
 def _tile_input(config: dict, tile: Tile):
@@ -261,11 +288,15 @@ def run_fit(config: dict, batch_id: str) -> dict:
     if failing:
         raise RuntimeError(f"tile {sorted(failing)[0]}: failure injected through ${FAIL_ENV} (testing hook)")
     start = time.perf_counter()
-    tiles = [plan.tile(t) for t in batch.tiles]
-    inputs = [_tile_input(config, tile) for tile in tiles]
-    rcfg = inputs[0][2]
-    prepared = [i[0] for i in inputs]
-    fits = fit_generators([i[1] for i in inputs], prepared, rcfg, labels=[f"tile {t}" for t in batch.tiles])
+    tiles, fits, prepared = [], [], []
+    for one_pass in batch.passes:  # same-shape tiles, fitted together
+        pass_tiles = [plan.tile(t) for t in one_pass]
+        inputs = [_tile_input(config, tile) for tile in pass_tiles]
+        pass_prepared = [i[0] for i in inputs]
+        labels = [f"tile {t}" for t in one_pass]
+        fits += fit_generators([i[1] for i in inputs], pass_prepared, inputs[0][2], labels=labels)
+        tiles += pass_tiles
+        prepared += pass_prepared
     seconds = round(time.perf_counter() - start, 2)
     device = prepared[0].observation.device
     restored, records = {}, []
@@ -292,6 +323,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
         "batch": batch_id,
         "tiles": records,
         "batch_size": len(tiles),
+        "passes": len(batch.passes),
         "seconds": seconds,
         "device": str(device),
     }
@@ -328,13 +360,35 @@ def tile_metrics(config: dict) -> list[dict]:
     return [by_tile[t.id] for t in plan.tiles]
 
 
-def run_stitch(config: dict, name: str) -> None:
+def run_stitch(config: dict, part_id: str) -> dict:
+    """Stitch every input file (name) of one part, then record what was written.
+
+    Each name becomes one OME-Zarr (and TIFF, if asked) through :func:`stitch_name`. The
+    record ``work/stitched/{part}.json`` (the rule's output) lists the files; it is
+    written last, so a killed job leaves no record and the part is stitched again.
+    """
+    plan, p = make_plan(config), paths(config)
+    images = {}
+    for name in plan.part(part_id).members:
+        files = stitch_name(config, name)
+        images[name] = {"files": [str(f) for f in files], "units": [u.id for u in plan.units_of(name)]}
+    record = {"part": part_id, "images": images}
+    io.atomic_write_json(p.stitched(part_id), record)
+    return record
+
+
+def stitch_name(config: dict, name: str) -> list[Path]:
     """Blend the tiles of every unit of input ``name`` into one OME-Zarr (and TIFF).
 
     Block by block: each level-0 chunk is made from only the tiles that overlap it and
     written straight into the OME-Zarr; the pyramid is built chunkwise from level 0 and
     the TIFF page by page. Memory: a chunk (the tile core size) plus a few padded tiles,
     whatever the size of the image and the number of time points and channels.
+
+    Returns
+    -------
+    list[Path]
+        The files written: the OME-Zarr, then the TIFF if ``stitch.tiff``.
 
     Raises
     ------
@@ -366,5 +420,7 @@ def run_stitch(config: dict, name: str) -> None:
             level0[(*unit.index, *(slice(a, b) for a, b in window))] = data
     voxel = config["input"]["voxel_size"]
     io.finish_ome_zarr(p.image(name), result_axes, voxel, levels=config["stitch"]["pyramid_levels"])
-    if config["stitch"]["tiff"]:
-        io.write_tiff_pages(p.tiff(name), io.open_array(p.image(name)))
+    if not config["stitch"]["tiff"]:
+        return [p.image(name)]
+    io.write_tiff_pages(p.tiff(name), io.open_array(p.image(name)))
+    return [p.image(name), p.tiff(name)]
