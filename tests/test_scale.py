@@ -247,3 +247,72 @@ def test_feature_range_by_windows_equals_the_whole_plane():
         whole = feature_range(torch.as_tensor(data / 100.0, dtype=torch.float32), config)
         windows = steps._feature_range(data, None, 100.0, config, planes=2, window=128)
         np.testing.assert_array_equal(np.array(windows), np.array(whole))
+
+
+def test_zarr_inputs_are_read_in_place_and_give_the_copy_results(tmp_path, monkeypatch):
+    """A chunked Zarr input is not copied by prepare (only checked), and background reads it
+    where it lies with the same results as from a TIFF copy; a Zarr stored as one huge
+    chunk is copied (rechunked by tile); NaN in a Zarr input is refused by name."""
+    import zarr
+
+    from cider.errors import CiderError
+    from cider.workflow import run_background
+
+    rng = np.random.default_rng(3)
+    volume = (rng.poisson(50, (2, 12, 64, 48)) + 100).astype(np.uint16)
+    source = zarr.create_array(
+        str(tmp_path / "in.zarr"), shape=volume.shape, chunks=(1, 4, 32, 32), dtype="uint16"
+    )
+    source[...] = volume
+    tifffile.imwrite(tmp_path / "in.tif", volume)
+    records = {}
+    for name in ("in.zarr", "in.tif"):
+        config = validate_config(
+            {
+                "name": "inplace",
+                "input": {"path": str(tmp_path / name), "axes": "CZYX", "voxel_size": [0.5, 0.2, 0.2]},
+                "psf": {"gaussian_sigma": [0.6, 1.0, 1.0]},
+                "output_dir": str(tmp_path / name.replace(".", "_")),
+                "tiling": {"tile_size": [12, 32, 32]},
+                "background": {"enabled": True},
+            }
+        )
+        run_prepare(config)
+        p = paths(config)
+        stored = zarr.open_group(str(p.input_zarr()), mode="r")
+        prepared = json.loads(p.prepared().read_text())
+        if name == "in.zarr":
+            assert list(stored.array_keys()) == [] and prepared["in_place"] == ["u000", "u001"]
+            assert isinstance(unit_array(config, "u001"), steps.UnitView)
+        else:
+            assert sorted(stored.array_keys()) == ["u000", "u001"] and prepared["in_place"] == []
+        np.testing.assert_array_equal(np.asarray(unit_array(config, "u001")[...]), volume[1])
+        run_background(config, "g0")
+        records[name] = json.loads(p.intensity("g0").read_text())
+        background = zarr.open_array(str(p.background("g0") / "u001"), mode="r")
+        assert background.chunks == (1, 32, 32)  # written plane by plane whatever the input's chunks
+        if name == "in.zarr":  # stitch and report read the Zarr where it lies too
+            _identity_tiles(config)
+            run_stitch(config, "p0")
+            np.testing.assert_array_equal(io.read_image(p.image("in")), volume)
+            assert run_report(config)["flagged"] == {}
+    assert records["in.zarr"] == records["in.tif"]
+
+    monkeypatch.setattr(steps, "IN_PLACE_CHUNK_BYTES", 1024)  # now every chunk is "too large"
+    config["input"]["path"] = str(tmp_path / "in.zarr")
+    run_prepare(config)
+    assert json.loads(paths(config).prepared().read_text())["in_place"] == []
+    np.testing.assert_array_equal(np.asarray(unit_array(config, "u000")[...]), volume[0])
+
+    monkeypatch.undo()
+    broken = zarr.create_array(
+        str(tmp_path / "nan.zarr"), shape=(12, 64, 48), chunks=(4, 32, 32), dtype="float32"
+    )
+    values = volume[0].astype(np.float32)
+    values[5, 10, 10] = np.nan
+    broken[...] = values
+    config = validate_config(
+        {**config, "input": {**config["input"], "path": str(tmp_path / "nan.zarr"), "axes": "ZYX"}}
+    )
+    with pytest.raises(CiderError, match=r"nan.zarr \(unit u000.*contains NaN/inf values"):
+        run_prepare(config)

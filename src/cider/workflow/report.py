@@ -118,7 +118,7 @@ def _projection(array, step: tuple[int, ...]) -> np.ndarray:
     import dask
     import dask.array as da
 
-    lazy = array if isinstance(array, da.Array) else da.from_zarr(array)
+    lazy = array if isinstance(array, da.Array) else da.from_array(array, chunks=array.chunks)
     full_step = (1,) * (lazy.ndim - 2) + tuple(step)
     if any(s > 1 for s in full_step):
         lazy = io.block_mean(lazy.astype(np.float32), full_step)

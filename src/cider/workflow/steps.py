@@ -49,12 +49,52 @@ def _slabs(shape: tuple[int, ...], planes: int) -> list[slice]:
     return [slice(z, min(z + planes, shape[0])) for z in range(0, shape[0], planes)]
 
 
-def run_prepare(config: dict) -> None:
-    """Copy every unit into ``input.zarr``, one row of chunks at a time, in the input's dtype.
+IN_PLACE_CHUNK_BYTES = 64 * 2**20  # a Zarr input with chunks up to this size is read where it lies
 
-    Chunks: the tile size in Y and X, one plane in Z (the background rule reads and
-    writes plane by plane). Memory: one row of chunks (a tile's height of one plane in
-    3D, of the image in 2D). Integer inputs stay integer (uint16 stays uint16).
+
+class UnitView:
+    """One unit (time point, channel) of a Zarr input, read where it lies.
+
+    ``view[window]`` reads ``source[(*outer, *window)]``: the spatial axes come last in
+    every supported axis order, after T and C.
+    """
+
+    def __init__(self, source, outer: tuple[int, ...]):
+        self.source, self.outer = source, tuple(outer)
+        self.shape = tuple(source.shape[len(self.outer) :])
+        self.chunks = tuple(source.chunks[len(self.outer) :])
+        self.dtype = np.dtype(source.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        return self.source[(*self.outer, *(key if isinstance(key, tuple) else (key,)))]
+
+
+def _in_place(unit: Unit, config: dict) -> UnitView | None:
+    """The unit as a :class:`UnitView` if its input can be read where it lies, else None.
+
+    A Zarr / OME-Zarr input is read in place when its dtype is kept as is (integer,
+    float32, float64) and a chunk holds at most ``IN_PLACE_CHUNK_BYTES``; otherwise
+    (e.g. one chunk for the whole volume) ``prepare`` copies it, rechunked by tile.
+    """
+    if not Path(unit.file).is_dir():
+        return None
+    source, index = _source(unit, config)
+    dtype = np.dtype(source.dtype)
+    kept = np.issubdtype(dtype, np.integer) or dtype in (np.float32, np.float64)
+    if not kept or int(np.prod(source.chunks)) * dtype.itemsize > IN_PLACE_CHUNK_BYTES:
+        return None
+    return UnitView(source, index[: len(index) - len(unit.shape)])
+
+
+def run_prepare(config: dict) -> None:
+    """Check every unit and copy those that need it into ``input.zarr``, in the input's dtype.
+
+    Zarr / OME-Zarr inputs with reasonable chunks are only checked (finite values) and
+    then read where they lie (:func:`_in_place`); the others (TIFF, PNG, NPY, Zarr with
+    huge chunks) are copied one row of chunks at a time. Chunks of the copy: the tile size
+    in Y and X, one plane in Z (the background rule reads and writes plane by plane).
+    Memory: one row of chunks. Integer inputs stay integer (uint16 stays uint16).
     """
     import zarr
 
@@ -62,25 +102,22 @@ def run_prepare(config: dict) -> None:
     root = zarr.open_group(str(p.input_zarr()), mode="w")
     tile = per_axis(config["tiling"]["tile_size"], len(plan.psf_shape), "tiling.tile_size")
     chunks = (1, *tile[1:]) if len(tile) == 3 else tile  # one plane deep: the background goes by plane
+    in_place = []
     for unit in plan.units:
         plan.check_input(unit.file)
         try:
+            view = _in_place(unit, config)
+            if view is not None:
+                in_place.append(unit.id)
+                _check_finite(unit, view, (*view.chunks[:-1], unit.shape[-1]))
+                continue
             source, index = _source(unit, config)
             dtype = np.dtype(source.dtype)
             if not (np.issubdtype(dtype, np.integer) or dtype in (np.float32, np.float64)):
                 dtype = np.dtype(np.float32)
             array = root.create_array(unit.id, shape=unit.shape, chunks=chunks, dtype=dtype, overwrite=True)
             outer = index[: len(index) - len(unit.shape)]
-            for row in block_grid(unit.shape, (*chunks[:-1], unit.shape[-1])):  # a row of chunks
-                band = tuple(slice(a, b) for a, b in row)
-                data = np.asarray(source[(*outer, *band)])
-                if not np.all(np.isfinite(data)):
-                    where = ", ".join(f"{a}–{b}" for a, b in row)
-                    raise CiderError(
-                        f"{unit.file} (unit {unit.id}, index {unit.index}): contains NaN/inf values "
-                        f"(in the window {where}); fix or mask them before restoring"
-                    )
-                array[band] = data
+            _check_finite(unit, UnitView(source, outer), (*chunks[:-1], unit.shape[-1]), copy_to=array)
         except (OSError, KeyError, ValueError) as err:
             if isinstance(err, CiderError):
                 raise
@@ -88,8 +125,11 @@ def run_prepare(config: dict) -> None:
                 f"{unit.file} (unit {unit.id}, index {unit.index}): cannot read it ({err}); the file may be "
                 "damaged or have changed since planning: check it, then rerun"
             ) from err
+    if in_place:
+        print(f"cider: {len(in_place)} unit(s) read in place from their Zarr input (not copied)")
     summary = {
         "units": [u.to_dict() for u in plan.units],
+        "in_place": in_place,
         "tiles": len(plan.tiles),
         "psf_shape": list(plan.psf_shape),
         "margin": list(plan.margin),
@@ -98,9 +138,28 @@ def run_prepare(config: dict) -> None:
     io.atomic_write_json(p.prepared(), summary)
 
 
+def _check_finite(unit: Unit, view: UnitView, rows: tuple[int, ...], copy_to=None) -> None:
+    """Read the unit a row of ``rows`` at a time; refuse NaN/inf; copy it if asked."""
+    for row in block_grid(unit.shape, rows):
+        band = tuple(slice(a, b) for a, b in row)
+        data = np.asarray(view[band])
+        if not np.all(np.isfinite(data)):
+            where = ", ".join(f"{a}–{b}" for a, b in row)
+            raise CiderError(
+                f"{unit.file} (unit {unit.id}, index {unit.index}): contains NaN/inf values "
+                f"(in the window {where}); fix or mask them before restoring"
+            )
+        if copy_to is not None:
+            copy_to[band] = data
+
+
 def unit_array(config: dict, unit_id: str):
+    """A unit's data, lazily: a view of its Zarr input (read in place) or its copy."""
     import zarr
 
+    view = _in_place(make_plan(config).unit(unit_id), config)
+    if view is not None:
+        return view
     return zarr.open_array(str(paths(config).input_zarr() / unit_id), mode="r")
 
 
@@ -146,7 +205,8 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
     bg_cfg = BackgroundConfig(**config["background"])
     background = None
     if bg_cfg.enabled:
-        background = root.create_array(unit_id, shape=shape, chunks=data.chunks, dtype="float32")
+        chunks = data.chunks if len(shape) == 2 else (1, *data.chunks[-2:])  # written plane by plane
+        background = root.create_array(unit_id, shape=shape, chunks=chunks, dtype="float32")
         peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64)).max()) for z in planes) or 1.0
     sampled = _noise_planes(len(planes), int(np.prod(shape[-2:])) // 4)
     high, low, total, details, means = -np.inf, np.inf, 0.0, [], []
