@@ -16,16 +16,21 @@ from cider.rl import BlurOperator, richardson_lucy
 FAST = RestoreConfig(iterations=150, rl_iterations=20)
 
 
-def _bead_field(seed=0, photons=400.0, background=0.0, shape=(64, 64), sigma=2.0):
-    """Point-like beads (one pixel each) blurred by a Gaussian, Poisson noise; valid model."""
+def _bead_field(seed=0, photons=400.0, background=0.0, shape=(64, 64), sigma=2.0, gap=0):
+    """Point-like beads (one pixel each) blurred by a Gaussian, Poisson noise; valid model.
+
+    ``gap``: least distance (Chebyshev, px) between beads; 0 lets them crowd.
+    """
     psf = gaussian_psf(sigma)
     big = tuple(n + k - 1 for n, k in zip(shape, psf.shape))
     rng = np.random.default_rng(seed)
     obj = np.full(big, background)
     r = psf.shape[0] // 2
     spots = []
-    for _ in range(12):
+    while len(spots) < 12:
         c = tuple(int(rng.integers(r + 4, n - r - 4)) for n in big)
+        if any(max(abs(a - r - b) for a, b in zip(c, s)) < gap for s in spots):
+            continue
         obj[c] += photons * rng.uniform(0.6, 1.0)
         spots.append(tuple(x - r for x in c))
     blurred = BlurOperator(torch.tensor(psf), shape, "valid")(torch.tensor(obj)).numpy()
@@ -40,22 +45,28 @@ def _spot_sums(image, spots, radius=4):
     )
 
 
-def test_restored_beads_keep_flux_zero_and_exceed_the_observed_peak():
-    y, psf, truth, spots = _bead_field()
+@pytest.mark.parametrize("seed, photons", [(0, 400.0), (1, 2000.0)])
+def test_restored_beads_keep_flux_zero_and_exceed_the_observed_peak(seed, photons):
+    """Isolated beads (≥ 10 px apart, so a 9-px box measures one bead, not its neighbours)."""
+    y, psf, truth, spots = _bead_field(seed, photons, gap=10)
     prepared = prepare(y, psf, FAST)
     fit = fit_generator(deconvolved_features(prepared, FAST), prepared, FAST)
     x = to_data_units(fit.estimate, prepared)
-    # Flux on the valid model: the re-blurred estimate keeps the observed sum (1 %).
-    reblurred = BlurOperator(prepared.psf, y.shape, "valid")(fit.estimate).sum() * prepared.scale
-    assert abs(float(reblurred) / y.sum() - 1) < 0.01
-    # ... and the field of view keeps it within 5 % (some flux belongs outside the field).
-    assert abs(x.sum() / y.sum() - 1) < 0.05, x.sum() / y.sum()
+    # Flux: the re-blurred estimate keeps the observed sum on the field's interior (data a
+    # PSF radius from the edge, which only object voxels inside the field reach) ...
+    r = psf.shape[0] // 2
+    reblurred = BlurOperator(prepared.psf, y.shape, "valid")(fit.estimate).numpy() * prepared.scale
+    assert abs(reblurred[r:-r, r:-r].sum() / y[r:-r, r:-r].sum() - 1) < 0.01
+    # ... and the restored field holds the truth's flux within 5 % (measured +4.9 % at 400
+    # photons, where a faint positive floor under 4,096 dark pixels adds up, and +2.0 % at 2,000).
+    assert abs(x.sum() / truth.sum() - 1) < 0.05, x.sum() / truth.sum()
     # Not capped at the brightest blurred value (the old sigmoid-on-[min, max] output was).
     assert x.max() > 2 * y.max(), (x.max(), y.max())
-    # Integrated spot intensity (9-px boxes) within 15 % of the truth, median over beads
-    # (measured 11 % at 150 iterations; the issue asks for 5 %: not met yet).
+    # Integrated spot intensity (9-px boxes) within 5 % of the truth, median over beads
+    # (measured 4.6 % at 400 photons, where Poisson noise alone is ~6 % per bead, and 1.5 %
+    # at 2,000; 10–11 % before the flux factor was taken on the field's interior).
     error = np.median(np.abs(_spot_sums(x, spots) / _spot_sums(truth, spots) - 1))
-    assert error < 0.15, error
+    assert error < 0.05, error
     # Zero signal maps to ~0: far from beads the estimate is dark, and never negative.
     assert x.min() >= 0
     far = np.ones_like(truth, bool)

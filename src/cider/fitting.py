@@ -466,10 +466,20 @@ def _finish(
     config: RestoreConfig,
     label: str,
 ) -> Fit:
-    """Flux renormalisation and the finite check of one member's final estimate."""
+    """Flux renormalisation and the finite check of one member's final estimate.
+
+    The flux is matched on the field's interior (data at least a PSF radius from its
+    edge), whose re-blurred values come from object voxels inside the field only: light
+    the fit put outside the field (weakly constrained by the data) does not scale it.
+    """
     flux_factor = 1.0
     if config.preserve_flux:
-        observed, modelled = float(prepared.observation.sum()), float(blur(estimate).sum())
+        interior = tuple(
+            slice(k // 2, n - k // 2) if n > 2 * (k // 2) + 8 else slice(None)
+            for n, k in zip(prepared.observation.shape, prepared.psf.shape)
+        )
+        observed = float(prepared.observation[interior].sum())
+        modelled = float(blur(estimate)[interior].sum())
         if observed > 0 and modelled > 0:
             flux_factor = observed / modelled
             estimate = estimate * flux_factor
