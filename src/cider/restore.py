@@ -105,8 +105,10 @@ class RestoreConfig:
     discrepancy : float
         χ² target of the discrepancy stop (1 = the estimated noise level).
     preserve_flux : bool
-        Rescale the final estimate so that its re-blurred sum equals the observed sum
-        (skipped when the observed sum is not positive).
+        Rescale the final estimate so that its re-blurred sum equals the observed sum on
+        the field's interior (data at least a PSF radius from the edge, which only object
+        voxels inside the field reach; the whole field when it is too small). Skipped
+        when the observed sum is not positive.
     average : float
         Decay of an exponential moving average of the generator's output over the
         iterations (0: off, the last output is the estimate). Averaging cancels the
