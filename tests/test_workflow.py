@@ -44,6 +44,7 @@ def _dataset(tmp: Path, shape: tuple[int, ...], sigma, tile, seed=0, batch_size=
         "tiling": {"tile_size": tile},
         "restore": {"iterations": 40, "rl_iterations": 10, **restore},
         "fit": {"batch_size": batch_size},
+        "jobs": {"images_per_job": 1},  # a fit job per pass of batch_size tiles: reruns are per batch
         "stitch": {"pyramid_levels": 2},
     }
     path = tmp / "config.yaml"
@@ -254,27 +255,34 @@ def test_batches_group_same_shape_tiles_up_to_the_batch_size(tmp_path):
 
     mixed = tile_grid((40, 40), (20, 20), (2, 2)) + tile_grid((30, 40), (30, 20), (2, 2), unit=1)
     batches = make_batches(mixed, 3)
-    for batch in batches:
-        assert len({next(t for t in mixed if t.id == i).padded_shape for i in batch.tiles}) == 1
+    for batch in batches:  # a pass holds tiles of one shape
+        for one_pass in batch.passes:
+            assert len({next(t for t in mixed if t.id == i).padded_shape for i in one_pass}) == 1
     assert sorted(i for b in batches for i in b.tiles) == sorted(t.id for t in mixed)
 
 
-def test_small_images_of_any_size_are_packed_into_few_jobs():
-    """Whole-image tiles go jobs.images_per_job to a fit job, one pass per shape; tiles of
-    images cut into several tiles keep one pass (≤ fit.batch_size) per job."""
+def test_small_tiles_and_images_of_any_size_are_packed_into_few_jobs():
+    """Passes of ≤ fit.batch_size same-shape tiles go into one fit job up to
+    max(batch_size, jobs.images_per_job) tiles and FIT_JOB_VOXELS padded voxels."""
     from cider.tiling import tile_grid
-    from cider.workflow import make_groups
+    from cider.workflow import make_groups, plan
 
     small = [t for u in range(10) for t in tile_grid((20 + u % 3, 30), (64, 64), (2, 2), unit=u)]
-    large = tile_grid((100, 100), (40, 40), (2, 2), unit=10)  # 9 tiles
+    large = tile_grid((100, 100), (40, 40), (2, 2), unit=10)  # 9 tiles of one shape
     batches = make_batches(small + large, 2, images_per_job=4)
-    multi, whole = batches[:5], batches[5:]
-    assert [len(b.tiles) for b in multi] == [2, 2, 2, 2, 1] and all(len(b.passes) == 1 for b in multi)
-    assert [len(b.tiles) for b in whole] == [4, 4, 2]
-    shapes = {t.id: t.padded_shape for t in small}
-    for batch in whole:
-        assert all(len(p) <= 2 and len({shapes[t] for t in p}) == 1 for p in batch.passes)
+    # 3 shapes of small images (4, 3, 3 images), then 4 shapes of large-image tiles (4, 2, 2, 1)
+    assert [[len(p) for p in b.passes] for b in batches] == [[2, 2], [2, 1], [2, 1], [2, 2], [2, 2], [1]]
+    shapes = {t.id: t.padded_shape for t in small + large}
+    for batch in batches:
+        assert all(len({shapes[t] for t in p}) == 1 for p in batch.passes)
     assert sorted(t for b in batches for t in b.tiles) == sorted(t.id for t in small + large)
+    budget = 2 * int(np.prod(large[0].padded_shape))  # room for one pass of two large tiles
+    original = plan.FIT_JOB_VOXELS
+    try:
+        plan.FIT_JOB_VOXELS = budget
+        assert all(len(b.passes) == 1 for b in make_batches(large, 2, images_per_job=64))
+    finally:
+        plan.FIT_JOB_VOXELS = original
     groups = make_groups([("a", 10), ("b", 10), ("c", 2**27), ("d", 10)], 2, "g")
     assert [g.members for g in groups] == [("a", "b"), ("c",), ("d",)]  # a large image: a job alone
 

@@ -124,9 +124,7 @@ class Batch:
     """The tiles one ``fit`` job restores, in passes of same-shape tiles.
 
     A pass (≤ ``fit.batch_size`` tiles of one padded shape) is fitted together in one
-    forward pass. Tiles of images cut into several tiles fill one pass per job; images that
-    are a single tile each (a folder of small images) are packed ``jobs.images_per_job``
-    to a job, in as many passes as their shapes need.
+    forward pass; a job runs its passes one after another (see :func:`make_batches`).
     """
 
     id: str
@@ -298,43 +296,34 @@ class Plan:
         return by_name
 
 
+FIT_JOB_VOXELS = 2**23  # padded-tile voxels one fit job takes on when it packs several passes
+
+
 def make_batches(tiles: Sequence[Tile], batch_size: int, images_per_job: int = 1) -> tuple[Batch, ...]:
-    """The fit jobs: tiles in passes of ≤ ``batch_size`` of one padded shape, in plan order.
+    """The fit jobs: passes of ≤ ``batch_size`` same-shape tiles, packed into jobs.
 
     Tiles of one image all have one shape (``tile_grid(..., uniform=True)``); images of
-    the same shape share passes too. Tiles of images cut into several tiles get a job per
-    pass. Whole-image tiles (images no larger than a tile) are packed ``images_per_job``
-    to a job, a pass per shape, so a folder of N small images is ≈ N / images_per_job jobs
-    whatever their sizes.
+    the same shape share passes too. Consecutive passes go into one job while it holds at
+    most ``max(batch_size, images_per_job)`` tiles and ``FIT_JOB_VOXELS`` padded voxels,
+    so small tiles and small images (a folder, whatever their sizes) are many to a job,
+    while a pass of large 3D tiles is a job of its own.
     """
-    per_unit: dict[str, int] = {}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
     for tile in tiles:
-        per_unit[tile.unit_id] = per_unit.get(tile.unit_id, 0) + 1
-    jobs: list[list[list[str]]] = []
-    for whole_images in (False, True):
-        by_shape: dict[tuple[int, ...], list[str]] = {}
-        for tile in tiles:
-            if (per_unit[tile.unit_id] == 1) == whole_images:
-                by_shape.setdefault(tile.padded_shape, []).append(tile.id)
-        passes = [
-            ids[i : i + batch_size] for ids in by_shape.values() for i in range(0, len(ids), batch_size)
-        ]
-        if not whole_images:
-            jobs += [[one_pass] for one_pass in passes]
-            continue
-        per_job = max(batch_size, images_per_job)
-        job: list[list[str]] = []
-        for one_pass in passes:
-            while one_pass:
-                room = per_job - sum(map(len, job))
-                if room == 0:
-                    jobs.append(job)
-                    job, room = [], per_job
-                job.append(one_pass[:room])
-                one_pass = one_pass[room:]
-        if job:
-            jobs.append(job)
-    return tuple(Batch(f"b{n}", tuple(tuple(p) for p in job)) for n, job in enumerate(jobs))
+        by_shape.setdefault(tile.padded_shape, []).append(tile.id)
+    per_job = max(batch_size, images_per_job)
+    jobs: list[list[tuple[str, ...]]] = []
+    count = voxels = 0
+    for shape, ids in by_shape.items():
+        for start in range(0, len(ids), batch_size):
+            one_pass = tuple(ids[start : start + batch_size])
+            size = len(one_pass) * int(np.prod(shape))
+            if not jobs or count + len(one_pass) > per_job or voxels + size > FIT_JOB_VOXELS:
+                jobs.append([])
+                count = voxels = 0
+            jobs[-1].append(one_pass)
+            count, voxels = count + len(one_pass), voxels + size
+    return tuple(Batch(f"b{number}", tuple(job)) for number, job in enumerate(jobs))
 
 
 GROUP_VOXELS = 2**26  # most voxels one background or stitch job takes on when it groups images
