@@ -21,12 +21,14 @@ PARTS = [part.id for part in PLAN.parts]
 ENV = "../../envs/cider.yaml"
 
 # A stitch job's output is its record of the images it wrote; a record whose images were
-# deleted since is dropped here, so that part is stitched again.
-for part in drop_stale_manifests(PATHS, PARTS):
-    print(
-        f"cider: images of stitch part {part} are missing; it is stitched again",
-        file=sys.stderr,
-    )
+# deleted since is dropped here (by the main Snakemake process only, not by every cluster
+# job that re-reads this file), so that part is stitched again.
+if workflow.is_main_process:
+    for part in drop_stale_manifests(PATHS, PARTS):
+        print(
+            f"cider: images of stitch part {part} are missing; it is stitched again",
+            file=sys.stderr,
+        )
 
 
 wildcard_constraints:
