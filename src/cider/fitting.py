@@ -373,6 +373,10 @@ def _fit_together(
     levels = [float(prepared[i].observation.clamp_min(0).mean()) for i in active]
     generators = _Generators(members.inputs, config, levels)
     average: torch.Tensor | None = None
+    # keep_best: the estimate at the lowest logged loss, so a late loss spike is not returned
+    keep_best = config.keep_best and not config.average
+    kept: torch.Tensor | None = None
+    lowest: list[float] = []
     pending: list[torch.Tensor] = []
     for iteration in range(config.iterations):
         for group in generators.optimizer.param_groups:
@@ -402,6 +406,13 @@ def _fit_together(
         with torch.no_grad():
             chi2 = _chi2(blurred, members).tolist()
         current = average if average is not None else estimate.detach()
+        if keep_best:  # the estimate of this forward pass has the loss just logged
+            if kept is None:
+                kept, lowest = current.clone(), [math.inf] * len(block)
+            for row, values in enumerate(block):
+                if values[-1] < lowest[row]:
+                    lowest[row] = values[-1]
+                    kept[row] = current[row]
         stopping: dict[int, str] = {}
         for row, values in enumerate(block):
             members.losses[row] += values
@@ -420,8 +431,11 @@ def _fit_together(
             stopping = {row: stopping.get(row, "iterations") for row in range(len(members.index))}
         if not stopping:
             continue
-        with torch.no_grad():
-            final = average if average is not None else generators(members.inputs)
+        if keep_best:
+            final = kept
+        else:
+            with torch.no_grad():
+                final = average if average is not None else generators(members.inputs)
         for row, why in stopping.items():
             i = members.index[row]
             fits[i] = _finish(
@@ -434,6 +448,8 @@ def _fit_together(
         generators.keep(rows)
         if average is not None:
             average = average[rows]
+        if keep_best:
+            kept, lowest = kept[rows], [lowest[r] for r in rows]
 
 
 def _configure_cuda(deterministic: bool) -> None:

@@ -109,6 +109,11 @@ class RestoreConfig:
         the field's interior (data at least a PSF radius from the edge, which only object
         voxels inside the field reach; the whole field when it is too small). Skipped
         when the observed sum is not positive.
+    keep_best : bool
+        Return the estimate with the lowest loss among those logged (every ``log_every``
+        iterations), not the last one: with the unbounded softplus output the loss can
+        spike late in the fit and not recover (Levin im1_k1 on CPU: 32.3 dB at 500
+        iterations, 30.6 dB at 1000). Off when ``average`` is on.
     average : float
         Decay of an exponential moving average of the generator's output over the
         iterations (0: off, the last output is the estimate). Averaging cancels the
@@ -163,6 +168,7 @@ class RestoreConfig:
     stop: str = "none"
     discrepancy: float = 1.0
     preserve_flux: bool = True
+    keep_best: bool = True
     average: float = 0.0
     log_every: int = 10
     rl_iterations: int = 20
