@@ -60,6 +60,20 @@ def _warm_up(tmp_path) -> None:
     io.write_tiff_pages(tmp_path / "warm.tif", np.zeros((2, 4, 4), np.float32))
 
 
+def _image_config(folder, axes: str, tile_size: int, levels: int) -> dict:
+    """Config of ``folder/in.tif`` (2D planes of 0.2 µm pixels, Gaussian PSF), no TIFF output."""
+    return validate_config(
+        {
+            "name": "scale",
+            "input": {"path": str(folder / "in.tif"), "axes": axes, "voxel_size": [0.2, 0.2]},
+            "psf": {"gaussian_sigma": 1.0},
+            "output_dir": str(folder / "out"),
+            "tiling": {"tile_size": tile_size},
+            "stitch": {"pyramid_levels": levels, "tiff": False},
+        }
+    )
+
+
 def _traced_peak(function, *args) -> int:
     tracemalloc.start()
     try:
@@ -75,16 +89,7 @@ def test_stitch_and_report_hold_blocks_not_the_unit(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     image = rng.random((2, 3072, 2048), dtype=np.float32) * 1000
     tifffile.imwrite(tmp_path / "in.tif", image)
-    config = validate_config(
-        {
-            "name": "scale",
-            "input": {"path": str(tmp_path / "in.tif"), "axes": "CYX", "voxel_size": [0.2, 0.2]},
-            "psf": {"gaussian_sigma": 1.0},
-            "output_dir": str(tmp_path / "out"),
-            "tiling": {"tile_size": 256},
-            "stitch": {"pyramid_levels": 4, "tiff": False},
-        }
-    )
+    config = _image_config(tmp_path, "CYX", tile_size=256, levels=4)
     run_prepare(config)
     _identity_tiles(config)
     unit_bytes = image[0].nbytes
@@ -112,16 +117,7 @@ def test_report_flags_a_seam_and_a_fit_still_improving(tmp_path):
     y, x = np.mgrid[:160, :200]
     image = (500 + 100 * np.sin(x / 7) * np.cos(y / 9)).astype(np.float32)
     tifffile.imwrite(tmp_path / "in.tif", image)
-    config = validate_config(
-        {
-            "name": "seam",
-            "input": {"path": str(tmp_path / "in.tif"), "axes": "YX", "voxel_size": [0.2, 0.2]},
-            "psf": {"gaussian_sigma": 1.0},
-            "output_dir": str(tmp_path / "out"),
-            "tiling": {"tile_size": 40},
-            "stitch": {"pyramid_levels": 2, "tiff": False},
-        }
-    )
+    config = _image_config(tmp_path, "YX", tile_size=40, levels=2)
     run_prepare(config)
     plan = make_plan(config)
     offset = next(t.id for t in plan.tiles if t.grid_index == (1, 2))
