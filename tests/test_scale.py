@@ -312,3 +312,20 @@ def test_zarr_inputs_are_read_in_place_and_give_the_copy_results(tmp_path, monke
     )
     with pytest.raises(CiderError, match=r"nan.zarr \(unit u000.*contains NaN/inf values"):
         run_prepare(config)
+
+
+def test_png_and_npy_inputs_are_copied_by_prepare(tmp_path):
+    """Inputs read into memory (PNG) or memory-mapped (NPY) have no chunks: prepare copies
+    them (the demo's PNG folder went through this path)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    image = (rng.random((40, 56)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    np.save(tmp_path / "b.npy", image.astype(np.float32))
+    for pattern in ("*.png", "*.npy"):
+        config = _image_config(tmp_path, "YX", tile_size=32, levels=2)
+        config["input"]["path"] = str(tmp_path / pattern)
+        config["output_dir"] = str(tmp_path / pattern[2:])
+        run_prepare(config)
+        np.testing.assert_array_equal(np.asarray(unit_array(config, "u000")[...]), image)

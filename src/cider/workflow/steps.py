@@ -62,7 +62,7 @@ class UnitView:
     def __init__(self, source, outer: tuple[int, ...]):
         self.source, self.outer = source, tuple(outer)
         self.shape = tuple(source.shape[len(self.outer) :])
-        self.chunks = tuple(source.chunks[len(self.outer) :])
+        self.chunks = tuple(getattr(source, "chunks", source.shape)[len(self.outer) :])  # PNG, NPY: one
         self.dtype = np.dtype(source.dtype)
         self.ndim = len(self.shape)
 
