@@ -296,6 +296,20 @@ class Plan:
         return by_name
 
 
+def _pack(items: Sequence[tuple], most: int, voxels: int) -> list[list]:
+    """Consecutive ``(member, count, size)`` items into lists holding ≤ ``most`` counted
+    things and ≤ ``voxels`` in size; an item over either limit is a list of its own."""
+    packed: list[list] = []
+    count = total = 0
+    for member, n, size in items:
+        if not packed or count + n > most or total + size > voxels:
+            packed.append([])
+            count = total = 0
+        packed[-1].append(member)
+        count, total = count + n, total + size
+    return packed
+
+
 FIT_JOB_VOXELS = 2**23  # padded-tile voxels one fit job takes on when it packs several passes
 
 
@@ -311,18 +325,13 @@ def make_batches(tiles: Sequence[Tile], batch_size: int, images_per_job: int = 1
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for tile in tiles:
         by_shape.setdefault(tile.padded_shape, []).append(tile.id)
-    per_job = max(batch_size, images_per_job)
-    jobs: list[list[tuple[str, ...]]] = []
-    count = voxels = 0
-    for shape, ids in by_shape.items():
-        for start in range(0, len(ids), batch_size):
-            one_pass = tuple(ids[start : start + batch_size])
-            size = len(one_pass) * int(np.prod(shape))
-            if not jobs or count + len(one_pass) > per_job or voxels + size > FIT_JOB_VOXELS:
-                jobs.append([])
-                count = voxels = 0
-            jobs[-1].append(one_pass)
-            count, voxels = count + len(one_pass), voxels + size
+    passes = [
+        (tuple(ids[start : start + batch_size]), int(np.prod(shape)))
+        for shape, ids in by_shape.items()
+        for start in range(0, len(ids), batch_size)
+    ]
+    sizes = [(one_pass, len(one_pass), len(one_pass) * voxels) for one_pass, voxels in passes]
+    jobs = _pack(sizes, max(batch_size, images_per_job), FIT_JOB_VOXELS)
     return tuple(Batch(f"b{number}", tuple(job)) for number, job in enumerate(jobs))
 
 
@@ -335,14 +344,7 @@ def make_groups(sizes: Sequence[tuple[str, int]], most: int, prefix: str) -> tup
     An item larger than ``GROUP_VOXELS`` (a large volume) is a group of its own; small
     images (a folder) are ``most`` to a group. Ids are ``prefix`` + number.
     """
-    groups: list[list[str]] = []
-    voxels = 0
-    for item, size in sizes:
-        if not groups or len(groups[-1]) == most or voxels + size > GROUP_VOXELS:
-            groups.append([])
-            voxels = 0
-        groups[-1].append(item)
-        voxels += size
+    groups = _pack([(item, 1, size) for item, size in sizes], most, GROUP_VOXELS)
     return tuple(Group(f"{prefix}{number}", tuple(members)) for number, members in enumerate(groups))
 
 

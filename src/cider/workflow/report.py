@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import io
 from ..tiling import Tile
-from .plan import Plan, Unit, make_plan, paths
+from .plan import Unit, make_plan, paths
 from .steps import tile_metrics, unit_array
 
 PREVIEW_SIDE = 512  # longest side of a preview wanted, pixels (the coarsest level that has it)
@@ -180,13 +180,8 @@ def _tile_map(tiles: list[Tile], flags: dict[str, list[str]], shape, scale: floa
 
 def _curves(records: list[dict], flagged: set[str]) -> str:
     """SVG of loss curves, each scaled to its own range (shape of convergence); flagged red."""
-    chosen = [r for r in records if r["tile"] in flagged][:MOST_CURVES]
-    rest = [r for r in records if r["tile"] not in flagged]
-    room = MOST_CURVES - len(chosen)
-    if room > 0 and rest:
-        chosen += [rest[i] for i in sorted(set(np.linspace(0, len(rest) - 1, room).round().astype(int)))]
     width, height, lines = 480, 200, []
-    for record in chosen:
+    for record in _flagged_first(records, [r["tile"] in flagged for r in records], MOST_CURVES):
         losses = np.asarray(record.get("loss_history") or [], dtype=float)
         if losses.size < 2:
             continue
@@ -199,14 +194,14 @@ def _curves(records: list[dict], flagged: set[str]) -> str:
     return f"<svg width='{width}' height='{height}' style='border:1px solid #999'>{''.join(lines)}</svg>"
 
 
-def _shown_units(plan: Plan, flagged_units: set[str]) -> list[Unit]:
-    """The units given previews: flagged ones first, then evenly spaced others."""
-    first = [u for u in plan.units if u.id in flagged_units][:MOST_VIEWS]
-    others = [u for u in plan.units if u.id not in flagged_units]
-    room = MOST_VIEWS - len(first)
-    if room > 0 and others:
-        first += [others[i] for i in sorted(set(np.linspace(0, len(others) - 1, room).round().astype(int)))]
-    return first
+def _flagged_first(items: list, flagged: list[bool], most: int) -> list:
+    """At most ``most`` of ``items``: the flagged ones first, then others evenly spaced."""
+    chosen = [item for item, mark in zip(items, flagged) if mark][:most]
+    rest = [item for item, mark in zip(items, flagged) if not mark]
+    room = most - len(chosen)
+    if room > 0 and rest:
+        chosen += [rest[i] for i in sorted(set(np.linspace(0, len(rest) - 1, room).round().astype(int)))]
+    return chosen
 
 
 def _write_table(path: Path, records: list[dict], flags: dict[str, list[str]], seams: dict) -> None:
@@ -278,7 +273,7 @@ def run_report(config: dict) -> dict:
         )
     flagged_units = {u["unit"] for u in units if u["flagged_tiles"]}
     views = []
-    for unit in _shown_units(plan, flagged_units):
+    for unit in _flagged_first(list(plan.units), [u.id in flagged_units for u in plan.units], MOST_VIEWS):
         before, after, scale = previews(config, unit)
         for kind, view in (("before", before), ("after", after)):
             io.write_image(folder / f"{unit.id}_{kind}.png", view)

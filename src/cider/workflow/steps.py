@@ -428,22 +428,25 @@ def run_stitch(config: dict, part_id: str) -> dict:
     written last, so a killed job leaves no record and the part is stitched again.
     """
     plan, p = make_plan(config), paths(config)
-    images = {}
+    images, read_tile = {}, TileReader(config)  # small images of a part share batch files
     for name in plan.part(part_id).members:
-        files = stitch_name(config, name)
+        files = stitch_name(config, name, read_tile)
         images[name] = {"files": [str(f) for f in files], "units": [u.id for u in plan.units_of(name)]}
     record = {"part": part_id, "images": images}
     io.atomic_write_json(p.stitched(part_id), record)
     return record
 
 
-def stitch_name(config: dict, name: str) -> list[Path]:
+def stitch_name(config: dict, name: str, read_tile: TileReader | None = None) -> list[Path]:
     """Blend the tiles of every unit of input ``name`` into one OME-Zarr (and TIFF).
 
     Block by block: each level-0 chunk is made from only the tiles that overlap it and
     written straight into the OME-Zarr; the pyramid is built chunkwise from level 0 and
     the TIFF page by page. Memory: a chunk (the tile core size) plus a few padded tiles,
     whatever the size of the image and the number of time points and channels.
+
+    ``read_tile`` reads the restored tiles (a :class:`TileReader`, which opens each batch
+    file once; a new one if not given).
 
     Returns
     -------
@@ -457,7 +460,7 @@ def stitch_name(config: dict, name: str) -> list[Path]:
     """
     plan, p = make_plan(config), paths(config)
     units = plan.units_of(name)
-    read_tile = TileReader(config)
+    read_tile = read_tile or TileReader(config)
     axes = config["input"]["axes"].upper()
     outer_axes = "".join(a for a in axes if a in "TC")
     result_axes = outer_axes + "".join(a for a in axes if a in "ZYX")
