@@ -46,6 +46,7 @@ RL_CHECKPOINTS = (5, 10, 15, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 1
 TV_WEIGHTS = (0.0005, 0.002, 0.008)
 WIENER_NSR = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 GENERATOR_INPUT = {"cider": "features", "cider_curve": "features", "image_rl": "image_rl", "noise": "noise"}
+PROGRESS: Path | None = None  # --progress: folder of curves written while a run goes on
 METHODS = ["blurred", "rl", "rl_tv", "wiener", "cider", "cider_curve", "image_rl", "noise"]
 
 
@@ -206,6 +207,9 @@ def cider_scores(case: Case, method: str, iterations: int, device: str, override
                     "ssim": s["ssim"],
                     "chi2": _chi2(estimate, prepared),
                 }
+                if PROGRESS is not None:  # a run cut short still leaves its curve
+                    PROGRESS.mkdir(parents=True, exist_ok=True)
+                    (PROGRESS / f"{case.name}_{method}.json").write_text(json.dumps(curve))
 
     start = time.perf_counter()
     prepared = prepare(case.observation, case.psf, config)
@@ -328,7 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default="", help="suffix of the result files (sweeps)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=None, help="folder of cached cases (.npz)")
+    parser.add_argument(
+        "--progress", type=Path, default=None, help="write cider_curve curves here as they grow"
+    )
     args = parser.parse_args(argv)
+    global PROGRESS
+    PROGRESS = args.progress
     overrides = _parse_overrides(args.set)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     path = args.out / f"microscopy{args.tag}.json"

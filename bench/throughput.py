@@ -58,6 +58,17 @@ CASES = [
     ("2d-256", (256, 256), 1.5, 4, 10),
     ("3d-16x48x48", (16, 48, 48), (1.5, 1.0, 1.0), 4, 6),
 ]
+# On a GPU: the batches a GPU job packs (fit.batch_size up to jobs.images_per_job), and a
+# large light-sheet-like 3D tile; float32 and bfloat16 (``RestoreConfig.precision``).
+GPU_CASES = [
+    ("2d-64", (64, 64), 1.5, 64, 100),
+    ("2d-128", (128, 128), 1.5, 32, 100),
+    ("2d-256", (256, 256), 1.5, 16, 60),
+    ("3d-16x48x48", (16, 48, 48), (1.5, 1.0, 1.0), 16, 60),
+    ("3d-64x192x192", (64, 192, 192), (2.0, 1.2, 1.2), 2, 20),
+]
+# Sequential fits timed on the GPU (tiles/s extrapolates; quality compares these members)
+GPU_SEQUENTIAL = 4
 
 
 def scene(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -105,14 +116,20 @@ def _time(function) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def run_case(name, shape, sigma, batch, iterations, device) -> dict:
+def run_case(name, shape, sigma, batch, iterations, device, gpu_rows=False) -> dict:
     config = RestoreConfig(iterations=iterations, device=device, log_every=max(1, iterations // 2))
     tiles = make_tiles(shape, sigma, batch)
     prepared = [prepare(noisy, psf, config) for noisy, _, psf in tiles]
     features = [deconvolved_features(p, config) for p in prepared]
     psf_shape = prepared[0].psf.shape
+    # on a GPU, time GPU_SEQUENTIAL members one at a time (tiles/s extrapolates)
+    n_seq = batch if device == "cpu" and not gpu_rows else min(batch, GPU_SEQUENTIAL)
     fit_generator(features[0], prepared[0], replace(config, iterations=2))  # warm-up
-    seq_seconds, sequential = _time(lambda: [fit_generator(f, p, config) for f, p in zip(features, prepared)])
+    fit_generators(features, prepared, replace(config, iterations=2))
+    seq_seconds, sequential = _time(
+        lambda: [fit_generator(f, p, config) for f, p in zip(features[:n_seq], prepared[:n_seq])]
+    )
+    seq_seconds *= batch / n_seq
     bat_seconds, batched = _time(lambda: fit_generators(features, prepared, config))
     one_batch_seconds = bat_seconds
     if device == "cpu":  # the CPU chunks big members; measure the single batch too
@@ -120,12 +137,28 @@ def run_case(name, shape, sigma, batch, iterations, device) -> dict:
         one_batch_seconds, _ = _time(lambda: fit_generators(features, prepared, config))
         cider.fitting.CPU_BATCH_VOXELS = default
     perturbed = [
-        fit_generator(f * (1 + 1e-7 * torch.randn_like(f)), p, config) for f, p in zip(features, prepared)
+        fit_generator(f * (1 + 1e-7 * torch.randn_like(f)), p, config)
+        for f, p in zip(features[:n_seq], prepared[:n_seq])
     ]
     truths = [truth for _, truth, _ in tiles]
     psnr_seq = [psnr_against(f.estimate, t, psf_shape) for f, t in zip(sequential, truths)]
     psnr_bat = [psnr_against(f.estimate, t, psf_shape) for f, t in zip(batched, truths)]
     psnr_pert = [psnr_against(f.estimate, t, psf_shape) for f, t in zip(perturbed, truths)]
+    low = {}
+    if device != "cpu" or gpu_rows:  # bfloat16 autocast of the generator pass, batched
+        bf16 = replace(config, precision="bfloat16")
+        fit_generators(features, prepared, replace(bf16, iterations=2))  # warm-up
+        low_seconds, low_fits = _time(lambda: fit_generators(features, prepared, bf16))
+        psnr_low = [psnr_against(f.estimate, t, psf_shape) for f, t in zip(low_fits, truths)]
+        low = {
+            "bf16_batched_seconds": round(low_seconds, 3),
+            "bf16_batched_tiles_per_s": round(batch / low_seconds, 4),
+            "bf16_speedup_over_float32_batched": round(bat_seconds / low_seconds, 3),
+            "bf16_speedup": round(seq_seconds / low_seconds, 3),
+            "psnr_bf16": [round(v, 3) for v in psnr_low],
+            "bf16_quality_diff_db": round(max(abs(a - b) for a, b in zip(psnr_bat, psnr_low)), 4),
+            "bf16_mean_psnr_diff_db": round(float(np.mean(psnr_low) - np.mean(psnr_bat)), 4),
+        }
     voxels = int(np.prod(features[0].shape[1:]))
     result = {
         "case": name,
@@ -143,15 +176,18 @@ def run_case(name, shape, sigma, batch, iterations, device) -> dict:
         "speedup_one_batch": round(seq_seconds / one_batch_seconds, 3),
         "psnr_sequential": [round(v, 3) for v in psnr_seq],
         "psnr_batched": [round(v, 3) for v in psnr_bat],
+        "sequential_members_timed": n_seq,
         "quality_diff_db": round(max(abs(a - b) for a, b in zip(psnr_seq, psnr_bat)), 4),
         "rounding_diff_db": round(max(abs(a - b) for a, b in zip(psnr_seq, psnr_pert)), 4),
         "saved_activation_mib_batch1": round(activation_bytes(features[0].shape[1:], 1) / 2**20, 1),
         "saved_activation_mib_batched": round(activation_bytes(features[0].shape[1:], batch) / 2**20, 1),
+        **low,
     }
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        fit_generators(features, prepared, replace(config, iterations=2))
-        result["cuda_peak_mib_batched"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if device != "cpu":
+        for key, settings in (("", config), ("_bf16", replace(config, precision="bfloat16"))):
+            torch.cuda.reset_peak_memory_stats()
+            fit_generators(features, prepared, replace(settings, iterations=2))
+            result[f"cuda_peak_mib_batched{key}"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
 
 
@@ -182,6 +218,25 @@ def markdown(results: dict) -> str:
             f"{r['quality_diff_db']} | {r['rounding_diff_db']} | {r['saved_activation_mib_batch1']} / "
             f"{r['saved_activation_mib_batched']} |"
         )
+    low = [r for r in results["cases"] if "bf16_speedup" in r]
+    if low:
+        lines += [
+            "",
+            "bfloat16 generator body (`restore.precision: bfloat16`), batched, against "
+            "float32 one at a time (`speedup`) and float32 batched; quality: mean PSNR difference to "
+            "float32 batched (negative = bf16 worse) and the largest per-member |difference|.",
+            "",
+            "| case | B | bf16 batched tiles/s | speedup over sequential float32 | over batched float32 "
+            "| mean PSNR diff (dB) | largest diff (dB) | peak MiB float32 / bf16 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in low:
+            lines.append(
+                f"| {r['case']} | {r['batch']} | {r['bf16_batched_tiles_per_s']} | **{r['bf16_speedup']}×** | "
+                f"{r['bf16_speedup_over_float32_batched']}× | {r['bf16_mean_psnr_diff_db']} | "
+                f"{r['bf16_quality_diff_db']} | {r.get('cuda_peak_mib_batched', '–')} / "
+                f"{r.get('cuda_peak_mib_batched_bf16', '–')} |"
+            )
     if results.get("large_3d_estimate"):
         e = results["large_3d_estimate"]
         lines += [
@@ -197,6 +252,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a quarter of the iterations")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--gpu-cases", action="store_true", help="the GPU case list on any device (smoke test)"
+    )
+    parser.add_argument("--only", nargs="+", help="only these cases")
     parser.add_argument("--estimate-only", action="store_true", help="only the large-3D-tile memory estimate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -210,10 +269,17 @@ def main() -> None:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cases = []
-    for name, shape, sigma, batch, iterations in CASES:
+    for name, shape, sigma, batch, iterations in GPU_CASES if device != "cpu" or args.gpu_cases else CASES:
+        if args.only and name not in args.only:
+            continue
         its = max(2, iterations // 4) if args.quick else iterations
-        cases.append(run_case(name, shape, sigma, batch, its, device))
+        cases.append(run_case(name, shape, sigma, batch, its, device, args.gpu_cases))
         print(json.dumps(cases[-1]), flush=True)
+        write(cases, estimate, args.out, device, args.gpu_cases or bool(args.only))  # after every case
+
+
+def write(cases: list[dict], estimate: dict, out: Path, device: str, smoke: bool) -> None:
+    """``throughput[_gpu|_smoke].{json,md}`` in ``out``."""
     results = {
         "device": device_name(),
         "torch": torch.__version__,
@@ -222,11 +288,10 @@ def main() -> None:
         "quality_diff_db": max(c["quality_diff_db"] for c in cases),
         "large_3d_estimate": estimate,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if device == "cpu" else "_gpu"
-    (args.out / f"throughput{suffix}.json").write_text(json.dumps(results, indent=2))
-    (args.out / f"throughput{suffix}.md").write_text(markdown(results))
-    print(markdown(results))
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_gpu" if device != "cpu" else "_smoke" if smoke else ""
+    (out / f"throughput{suffix}.json").write_text(json.dumps(results, indent=2))
+    (out / f"throughput{suffix}.md").write_text(markdown(results))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def _assert_same(batched, sequential):
     np.testing.assert_allclose(batched.losses, sequential.losses, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(batched.flux_factor, sequential.flux_factor, rtol=1e-8)
     scale = float(sequential.estimate.abs().max())
-    np.testing.assert_allclose(batched.estimate.numpy(), sequential.estimate.numpy(), atol=1e-6 * scale)
+    np.testing.assert_allclose(
+        batched.estimate.cpu().numpy(), sequential.estimate.cpu().numpy(), atol=1e-6 * scale
+    )
 
 
 def test_batched_equals_sequential_2d_with_average_and_flat_member():
@@ -113,3 +115,23 @@ def test_activation_memory_estimate_grows_with_tile_and_batch():
     assert 3.5 < large / small < 4.5
     assert activation_bytes((76, 76), batch=4) >= 4 * small
     assert 30 * 2**30 < activation_bytes((132, 354, 354)) < 45 * 2**30  # the issue's 34 GiB tile
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_batched_equals_sequential_on_cuda(ndim):
+    """The vmapped CUDA path (one chunk for the whole batch) is B independent fits."""
+    config = RestoreConfig(
+        iterations=12, log_every=4, early_stop_patience=4, device="cuda", deterministic=True
+    )
+    shapes, psf = (
+        ([(30, 34)] * 3, gaussian_psf(1.2))
+        if ndim == 2
+        else ([(8, 12, 12)] * 3, gaussian_psf((0.7, 0.7, 0.7), ndim=3))
+    )
+    members = _float64_members(shapes, psf, config)
+    assert members[0][1].observation.is_cuda
+    fits = fit_generators([f for f, _ in members], [p for _, p in members], config)
+    for fit, (features, prepared) in zip(fits, members):
+        _assert_same(fit, fit_generator(features, prepared, config))
+    assert not torch.allclose(fits[0].estimate, fits[2].estimate)

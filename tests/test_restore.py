@@ -124,3 +124,17 @@ def test_restore_on_gpu_matches_cpu():
     gpu = restore(y, psf, FAST.with_(device="cuda"))
     assert gpu.device.startswith("cuda")
     assert abs(psnr(gpu.restored, truth) - psnr(cpu.restored, truth)) < 1.0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bfloat16_generator_pass_keeps_the_quality(device):
+    """``precision="bfloat16"`` really changes the arithmetic, not the quality of the result."""
+    y, psf, truth = _blurred_scene((48, 48), 1.5)
+    full = restore(y, psf, FAST.with_(device=device, iterations=60))
+    low = restore(y, psf, FAST.with_(device=device, iterations=60, precision="bfloat16"))
+    assert not np.allclose(full.restored, low.restored)  # the bf16 pass was used
+    assert np.isfinite(low.restored).all() and low.restored.dtype == full.restored.dtype
+    assert psnr(low.restored, truth) > psnr(y, truth) + 1.0
+    assert abs(psnr(low.restored, truth) - psnr(full.restored, truth)) < 0.5
+    with pytest.raises(cider.CiderError, match="precision"):
+        RestoreConfig(precision="float16")

@@ -233,16 +233,23 @@ class _Generators:
             list(self.params.values()), lr=config.learning_rate, weight_decay=config.weight_decay
         )
         self._forward = vmap(self._one, in_dims=(0, 0))
+        # bfloat16: the body runs on bf16 copies of the float32 weights (gradients flow back
+        # to them through the cast); the 1×1 head and the output stay float32.
+        self.low_precision = config.precision == "bfloat16"
 
     def _one(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, (params, self.buffers), (x[None],))[0]
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         """Outputs ``(B, 1, *object_shape)`` of the B generators for inputs ``(B, C, ...)``."""
+        params = self.params
+        if self.low_precision:
+            params = {k: v if k.startswith("head.") else v.to(torch.bfloat16) for k, v in params.items()}
+            inputs = inputs.to(torch.bfloat16)
         if len(inputs) == 1:  # the plain module is faster than a vmap of one
-            params = {k: v[0] for k, v in self.params.items()}
+            params = {k: v[0] for k, v in params.items()}
             return functional_call(self.module, (params, self.buffers), (inputs,))
-        return self._forward(self.params, inputs)
+        return self._forward(params, inputs)
 
     def keep(self, rows: list[int]) -> None:
         """Drop every member but ``rows``, with its weights and optimiser state."""
@@ -382,7 +389,7 @@ def _fit_together(
         for group in generators.optimizer.param_groups:
             group["lr"] = learning_rate(config, iteration)
         generators.optimizer.zero_grad(set_to_none=True)
-        estimate = generators(members.inputs)
+        estimate = generators(members.inputs).to(members.targets.dtype)
         if config.average:
             current = estimate.detach()
             average = current.clone() if average is None else average.lerp_(current, 1 - config.average)

@@ -180,7 +180,7 @@ class Generator(nn.Module):
             pad += [extra // 2, extra - extra // 2]
         mode = "reflect" if all(p < n for p, n in zip(pad[::2], reversed(size))) else "replicate"
         x = F.pad(x, pad, mode=mode) if any(pad) else x
-        z = self.head(self.body(x))
+        z = self.head(self.body(x).to(self.head.weight.dtype))  # a bf16 body feeds a float32 head
         y = F.softplus(z) if self.config.output == "softplus" else torch.sigmoid(z)
         crop = tuple(slice(pad[2 * i], pad[2 * i] + n) for i, n in enumerate(reversed(size)))
         return y[(..., *reversed(crop))]

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The checks to run when a session is lent a GPU, in one call, ending inside ~10 minutes:
+#
+#   OUT=/tmp/gpu bench/gpu_checks.sh
+#
+# 1. bench/throughput.py alone on the device (timings: nothing else runs meanwhile);
+# 2. then, side by side on the one GPU (quality, not timings):
+#    - the `gpu`-marked tests of tests/test_restore.py and tests/test_batched_fit.py,
+#    - bench/levin.py, `cider` at $ITERATIONS on each image of the 6-image subset,
+#    - bench/microscopy.py, `cider_curve` (defaults, scored every 100 iterations) per case.
+# Everything lands in $OUT/gpu_run.tgz (logs, JSON, tables); bench/README.md says how the
+# committed GPU tables were made from it. Needs the Levin data at ../shared/data/levin and
+# the microscopy cases in $CACHE (bench/microscopy_data.py load_case writes them).
+# DEVICE=cpu ITERATIONS=4 LIMIT=120 is a smoke run of the script itself on a CPU.
+set -u
+out=${OUT:-/tmp/gpu_checks}
+run="$out/run"
+mkdir -p "$run/logs"
+iterations=${ITERATIONS:-1000}
+limit=${LIMIT:-330}
+device=${DEVICE:-cuda}
+cache=${CACHE:-.bench_cache}
+export PYTHONUNBUFFERED=1
+stamp() { echo "[$(date +%T)] $*" | tee -a "$run/logs/steps.txt"; }
+
+{
+    nvidia-smi || true
+    python3 -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    python3 -c "import torch; print(torch.cuda.get_device_name())" || true
+} >"$run/logs/env.txt" 2>&1
+
+stamp "throughput"
+throughput_args=()
+[ "$device" = cpu ] && throughput_args=(--gpu-cases --quick --only 2d-64)
+timeout "${THROUGHPUT_LIMIT:-190}" python3 bench/throughput.py --out "$run" "${throughput_args[@]}" \
+    >"$run/logs/throughput.log" 2>&1
+stamp "throughput rc=$?"
+
+export OMP_NUM_THREADS=1 # many processes share the CPU cores below
+timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_restore.py tests/test_batched_fit.py \
+    >"$run/logs/gpu_tests.txt" 2>&1 &
+for case in im1_k1 im1_k4 im2_k3 im3_k5 im3_k8 im4_k7; do
+    timeout "$limit" python3 bench/levin.py --methods cider --iterations "$iterations" --cases "$case" \
+        --device "$device" --threads 1 --output "$run/levin_$case.md" >"$run/logs/levin_$case.log" 2>&1 &
+done
+for case in bars gauss3d_low lightsheet3d_low lightsheet3d_high widefield3d_low widefield3d_high \
+    fluo2d_low plankton2d; do
+    timeout "$limit" python3 bench/microscopy.py --cases "$case" --methods cider_curve --iterations "$iterations" \
+        --device "$device" --cache "$cache" --out "$run" --tag "_$case" --progress "$run/progress" >"$run/logs/microscopy_$case.log" 2>&1 &
+done
+stamp "waiting for $(jobs -p | wc -l) processes"
+wait
+stamp "done"
+cp -r bench/results/levin "$run/levin_json"
+tar czf "$out/gpu_run.tgz" -C "$out" run
+cp "$run/logs/steps.txt" "$run/logs/gpu_tests.txt" "$out/" 2>/dev/null
+rm -rf "$run"
