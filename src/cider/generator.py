@@ -63,11 +63,25 @@ class GeneratorConfig:
 OUTPUTS = ("softplus", "sigmoid")
 
 
+class _Conv2d(nn.Conv2d):
+    """Conv2d in its weights' dtype: a bf16 fit casts the weights, and inputs follow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+class _Conv3d(nn.Conv3d):
+    """Conv3d in its weights' dtype: a bf16 fit casts the weights, and inputs follow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 def _layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], str]:
     if ndim == 2:
-        return nn.Conv2d, nn.BatchNorm2d, "bilinear"
+        return _Conv2d, nn.BatchNorm2d, "bilinear"
     if ndim == 3:
-        return nn.Conv3d, nn.BatchNorm3d, "trilinear"
+        return _Conv3d, nn.BatchNorm3d, "trilinear"
     raise ValueError(f"generator supports 2D or 3D data, got ndim={ndim}")
 
 
@@ -180,7 +194,7 @@ class Generator(nn.Module):
             pad += [extra // 2, extra - extra // 2]
         mode = "reflect" if all(p < n for p, n in zip(pad[::2], reversed(size))) else "replicate"
         x = F.pad(x, pad, mode=mode) if any(pad) else x
-        z = self.head(self.body(x).to(self.head.weight.dtype))  # a bf16 body feeds a float32 head
+        z = self.head(self.body(x))
         y = F.softplus(z) if self.config.output == "softplus" else torch.sigmoid(z)
         crop = tuple(slice(pad[2 * i], pad[2 * i] + n) for i, n in enumerate(reversed(size)))
         return y[(..., *reversed(crop))]
