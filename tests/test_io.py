@@ -79,7 +79,7 @@ def test_float_data_to_png_is_scaled_with_the_factor_recorded(tmp_path):
 def test_truncated_tiff_is_refused_naming_the_file(tmp_path, compression):
     stack = np.random.default_rng(2).random((8, 40, 50)).astype(np.float32)
     tifffile.imwrite(tmp_path / "whole.tif", stack, compression=compression)
-    io.check_complete(tmp_path / "whole.tif")
+    assert io.check_complete(tmp_path / "whole.tif") == (8, 40, 50) == io.image_shape(tmp_path / "whole.tif")
     data = (tmp_path / "whole.tif").read_bytes()
     (tmp_path / "cut.tif").write_bytes(data[: int(len(data) * 0.7)])
     with pytest.raises(ValueError, match=r"cut.tif is incomplete \(truncated or still being copied\)"):
@@ -88,6 +88,9 @@ def test_truncated_tiff_is_refused_naming_the_file(tmp_path, compression):
 
 def test_truncated_png_is_refused(tmp_path):
     io.write_image(tmp_path / "p.png", _rgb()[..., 0])
+    assert io.check_complete(tmp_path / "p.png") == io.image_shape(tmp_path / "p.png")  # shape from the check
+    np.save(tmp_path / "a.npy", np.zeros((3, 5, 7), np.uint16))
+    assert io.check_complete(tmp_path / "a.npy") == (3, 5, 7)
     data = (tmp_path / "p.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[:-30])
     with pytest.raises(ValueError, match=r"cut.png is incomplete"):

@@ -109,12 +109,18 @@ def image_shape(path: str | Path, what: str = "image") -> tuple[int, ...]:
     return tuple(open_array(path, what).shape)
 
 
-def check_complete(path: str | Path, what: str = "image") -> None:
+def check_complete(path: str | Path, what: str = "image") -> tuple[int, ...]:
     """Refuse a file that is cut short (an interrupted copy), before any work is done.
 
     Cheap: TIFF strips/tiles must lie inside the file (offsets from the headers), NPY
     data must fill the file, PNG chunks are checked by Pillow's ``verify`` (CRCs, no
     decoding). Zarr stores are not checked here (their chunks are read when needed).
+
+    Returns
+    -------
+    tuple of int
+        The shape, as :func:`image_shape` gives it, from the same opening of the file
+        (planning opens every input once).
 
     Raises
     ------
@@ -133,6 +139,7 @@ def check_complete(path: str | Path, what: str = "image") -> None:
             size = path.stat().st_size
             with _tiff_warnings() as warnings, tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
+                shape = tuple(series.shape)
                 end = series.dataoffset + series.nbytes if series.dataoffset is not None else 0
                 for page in series.pages if series.dataoffset is None else ():
                     if page is not None:
@@ -142,18 +149,21 @@ def check_complete(path: str | Path, what: str = "image") -> None:
                 raise ValueError(f"{cut}: {warnings[0]}; {advice}")
             if end > size:
                 raise ValueError(f"{cut}: its data needs {end} bytes, the file has {size}; {advice}")
-        elif suffix == ".npy":
-            array = np.load(path, mmap_mode="r")
-            del array
-        elif suffix == ".png":
+            return shape
+        if suffix == ".npy":
+            return tuple(np.load(path, mmap_mode="r").shape)
+        if suffix == ".png":
             from PIL import Image
 
             with Image.open(path) as im:
+                shape = (im.height, im.width)
                 im.verify()
+            return shape
     except ValueError:
         raise
     except (OSError, SyntaxError, IndexError) as err:
         raise ValueError(f"{cut}: {err}; {advice}") from err
+    return image_shape(path, what)
 
 
 @contextmanager

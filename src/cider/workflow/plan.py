@@ -373,8 +373,7 @@ def _units(config: dict) -> list[Unit]:
     stems = [Path(f).name.split(".")[0] for f in files]
     for file, stem in zip(files, stems):
         try:
-            io.check_complete(file, what="input")
-            shape = io.image_shape(file, what="input")
+            shape = io.check_complete(file, what="input")  # one opening: checks and shape
         except ValueError as err:
             raise CiderError(str(err)) from err
         if len(shape) != len(axes):
