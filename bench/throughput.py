@@ -145,7 +145,7 @@ def run_case(name, shape, sigma, batch, iterations, device, gpu_rows=False) -> d
     psnr_bat = [psnr_against(f.estimate, t, psf_shape) for f, t in zip(batched, truths)]
     psnr_pert = [psnr_against(f.estimate, t, psf_shape) for f, t in zip(perturbed, truths)]
     low = {}
-    if device != "cpu" or gpu_rows:  # bfloat16 autocast of the generator pass, batched
+    if device != "cpu" or gpu_rows:  # the bfloat16 generator body, batched
         bf16 = replace(config, precision="bfloat16")
         fit_generators(features, prepared, replace(bf16, iterations=2))  # warm-up
         low_seconds, low_fits = _time(lambda: fit_generators(features, prepared, bf16))

@@ -126,7 +126,6 @@ def test_restore_on_gpu_matches_cpu():
     assert abs(psnr(gpu.restored, truth) - psnr(cpu.restored, truth)) < 1.0
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_bfloat16_generator_pass_keeps_the_quality(device):
     """``precision="bfloat16"`` really changes the arithmetic, not the quality of the result."""
     y, psf, truth = _blurred_scene((48, 48), 1.5)

@@ -63,18 +63,19 @@ class GeneratorConfig:
 OUTPUTS = ("softplus", "sigmoid")
 
 
-class _Conv2d(nn.Conv2d):
-    """Conv2d in its weights' dtype: a bf16 fit casts the weights, and inputs follow."""
+class _InWeightDtype:
+    """A convolution in its weights' dtype: a bf16 fit casts the weights, and inputs follow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.to(self.weight.dtype))
 
 
-class _Conv3d(nn.Conv3d):
-    """Conv3d in its weights' dtype: a bf16 fit casts the weights, and inputs follow."""
+class _Conv2d(_InWeightDtype, nn.Conv2d):
+    pass
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.to(self.weight.dtype))
+
+class _Conv3d(_InWeightDtype, nn.Conv3d):
+    pass
 
 
 def _layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], str]:
