@@ -21,7 +21,7 @@ so batched and sequential fits agree to this yardstick, not bit for bit; in floa
 agree to 1e-7 (``tests/test_batched_fit.py``).
 
 Memory: the bytes of the activations autograd keeps for the backward pass of one
-batched forward (``cider.fitting.activation_bytes``, traced on the ``meta`` device), and
+batched forward (``cider.memory.activation_bytes``, traced on the ``meta`` device), and
 on CUDA the measured peak (``torch.cuda.max_memory_allocated``).
 ``--estimate-only`` prints the traced activation memory of a large 3D tile without
 fitting (on the ``meta`` device: no memory is allocated).
@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import cider.fitting  # noqa: E402
-from cider.fitting import activation_bytes, fit_generator, fit_generators  # noqa: E402
+from cider.fitting import fit_generator, fit_generators  # noqa: E402
+from cider.memory import activation_bytes  # noqa: E402
 from cider.psf import gaussian_psf  # noqa: E402
 from cider.restore import RestoreConfig, crop_to_image, deconvolved_features, prepare  # noqa: E402
 from cider.rl import BlurOperator  # noqa: E402

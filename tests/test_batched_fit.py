@@ -108,7 +108,7 @@ def test_members_beyond_the_cpu_batch_size_are_fitted_in_chunks(monkeypatch):
 
 def test_activation_memory_estimate_grows_with_tile_and_batch():
     """Traced on the meta device: 4× the pixels ≈ 4× the bytes; a batch of 4 ≥ 4× one tile."""
-    from cider.fitting import activation_bytes
+    from cider.memory import activation_bytes
 
     small, large = activation_bytes((76, 76)), activation_bytes((152, 152))
     assert 10 * 2**20 < small < 30 * 2**20

@@ -288,6 +288,46 @@ def test_small_tiles_and_images_of_any_size_are_packed_into_few_jobs():
     assert [g.members for g in groups] == [("a", "b"), ("c",), ("d",)]  # a large image: a job alone
 
 
+def test_gpu_memory_sizes_passes_and_names_a_tile_size_that_fits(tmp_path, capfd):
+    """fit.gpu_memory_gb: a pass holds what the card holds; a tile that does not fit alone
+    is refused at planning with the largest tiling.tile_size that fits, which then plans."""
+    from cider.memory import fit_memory_bytes
+
+    tifffile.imwrite(tmp_path / "v.tif", np.zeros((96, 128, 128), np.uint16))
+    config = _minimal() | {
+        "input": {"path": str(tmp_path / "v.tif"), "axes": "ZYX", "voxel_size": [0.5, 0.2, 0.2]},
+        "psf": {"gaussian_sigma": [1.0, 1.0, 1.0]},
+        "output_dir": str(tmp_path / "out"),
+        "tiling": {"tile_size": [48, 64, 64]},
+        "fit": {"batch_size": 8, "gpu_memory_gb": 8},
+    }
+    plan = make_plan(validate_config(config))
+    budget = 0.9 * 8 * 2**30
+    psf = plan.psf_shape
+    shapes = {t.id: t.padded_shape for t in plan.tiles}
+    sizes = [len(p) for b in plan.batches for p in b.passes]
+    assert 1 < max(sizes) < 8  # the card, not fit.batch_size, sets the pass size
+    for batch in plan.batches:
+        for one_pass in batch.passes:
+            fitted = tuple(n + k - 1 for n, k in zip(shapes[one_pass[0]], psf))
+            assert (
+                fit_memory_bytes(fitted, len(one_pass))
+                <= budget
+                < fit_memory_bytes(fitted, len(one_pass) + 1)
+            )
+    assert f"fitted {max(sizes)} per pass, not fit.batch_size 8" in capfd.readouterr().err
+
+    config["fit"]["gpu_memory_gb"] = 1
+    with pytest.raises(
+        CiderError, match=r"needs about \d+\.\d GiB of GPU memory.*fit.gpu_memory_gb \(1\)"
+    ) as error:
+        make_plan(validate_config(config))
+    suggested = json.loads(str(error.value).split("tiling.tile_size to at most ")[1])
+    assert all(s < t for s, t in zip(suggested, [48, 64, 64]))
+    config["tiling"]["tile_size"] = suggested
+    assert make_plan(validate_config(config)).tiles
+
+
 def test_a_job_given_a_gpu_requires_cuda(monkeypatch):
     from cider.restore import resolve_device
 

@@ -36,7 +36,7 @@ from .rl import BlurOperator
 if TYPE_CHECKING:
     from .restore import Prepared, RestoreConfig
 
-__all__ = ["Fit", "fit_generator", "fit_generators", "noise_aware_weights", "activation_bytes"]
+__all__ = ["Fit", "fit_generator", "fit_generators", "noise_aware_weights"]
 
 # On a CPU a batch is faster only for small members (bench/results/throughput.md: 1.4× for
 # 8 tiles of 76² object voxels, 0.8× for 140², 0.6× for 268²): there, members are fitted
@@ -327,36 +327,6 @@ def fit_generators(
     for start in range(0, len(active), size):
         _fit_together(features, prepared, active[start : start + size], config, callback, labels, fits)
     return fits
-
-
-def activation_bytes(object_shape: Sequence[int], batch: int = 1, in_channels: int = 16) -> int:
-    """Bytes of activations autograd keeps for one training step of ``batch`` generators.
-
-    Traced on the ``meta`` device (no memory is allocated, nothing is computed): every
-    tensor saved for the backward pass of one batched forward, counted once. This is the
-    bulk of a fit's device memory (weights and optimiser state are a few MB); a 124×346²
-    light-sheet tile (object 132×354²) needs 36.8 GiB. Use it to choose ``tiling.tile_size``
-    and ``fit.batch_size`` for a card (``bench/throughput.py`` prints it per case).
-    """
-    module = Generator(len(object_shape), GeneratorConfig(in_channels=in_channels))
-    replace_all_batch_norm_modules_(module)
-    module = module.to("meta")
-    params = {
-        k: v.detach()[None].expand(batch, *v.shape).requires_grad_() for k, v in module.named_parameters()
-    }
-    inputs = torch.zeros(batch, in_channels, *object_shape, device="meta")
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[id(t)] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if batch == 1:
-            functional_call(module, ({k: v[0] for k, v in params.items()}, {}), (inputs,))
-        else:
-            vmap(lambda p, x: functional_call(module, (p, {}), (x[None],))[0])(params, inputs)
-    return int(sum(saved.values()))
 
 
 def _cpu_chunk(voxels: int) -> int:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import io
 from ..errors import CiderError
+from ..memory import fit_memory_bytes, largest_batch, largest_tile
 from ..psf import clean_psf, gaussian_psf, lightsheet_psf, widefield_psf
 from ..tiling import Tile, minimum_margin, tile_grid, unit_name
 
@@ -313,26 +314,82 @@ def _pack(items: Sequence[tuple], most: int, voxels: int) -> list[list]:
 FIT_JOB_VOXELS = 2**23  # padded-tile voxels one fit job takes on when it packs several passes
 
 
-def make_batches(tiles: Sequence[Tile], batch_size: int, images_per_job: int = 1) -> tuple[Batch, ...]:
+def make_batches(
+    tiles: Sequence[Tile],
+    batch_size: int,
+    images_per_job: int = 1,
+    pass_sizes: dict[tuple[int, ...], int] | None = None,
+) -> tuple[Batch, ...]:
     """The fit jobs: passes of ≤ ``batch_size`` same-shape tiles, packed into jobs.
 
     Tiles of one image all have one shape (``tile_grid(..., uniform=True)``); images of
     the same shape share passes too. Consecutive passes go into one job while it holds at
     most ``max(batch_size, images_per_job)`` tiles and ``FIT_JOB_VOXELS`` padded voxels,
     so small tiles and small images (a folder, whatever their sizes) are many to a job,
-    while a pass of large 3D tiles is a job of its own.
+    while a pass of large 3D tiles is a job of its own. ``pass_sizes``: a smaller pass
+    size for some padded shapes (what fits the GPU, :func:`gpu_pass_sizes`).
     """
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for tile in tiles:
         by_shape.setdefault(tile.padded_shape, []).append(tile.id)
+    sizes = pass_sizes or {}
     passes = [
-        (tuple(ids[start : start + batch_size]), int(np.prod(shape)))
+        (tuple(ids[start : start + sizes.get(shape, batch_size)]), int(np.prod(shape)))
         for shape, ids in by_shape.items()
-        for start in range(0, len(ids), batch_size)
+        for start in range(0, len(ids), sizes.get(shape, batch_size))
     ]
     sizes = [(one_pass, len(one_pass), len(one_pass) * voxels) for one_pass, voxels in passes]
     jobs = _pack(sizes, max(batch_size, images_per_job), FIT_JOB_VOXELS)
     return tuple(Batch(f"b{number}", tuple(job)) for number, job in enumerate(jobs))
+
+
+GPU_USABLE = 0.9  # share of fit.gpu_memory_gb a pass may use (the CUDA context needs the rest)
+
+
+def gpu_pass_sizes(
+    shapes: Sequence[tuple[int, ...]],
+    psf_shape: tuple[int, ...],
+    margin: tuple[int, ...],
+    tile_size: tuple[int, ...],
+    fit: dict,
+) -> dict[tuple[int, ...], int]:
+    """Tiles per pass for every padded tile shape, so each pass fits ``fit.gpu_memory_gb``.
+
+    ``fit.batch_size`` where the whole pass fits (:func:`cider.memory.largest_batch`),
+    fewer where not (printed once).
+
+    Raises
+    ------
+    CiderError
+        When one tile alone does not fit, naming the memory it needs and the largest
+        ``tiling.tile_size`` that fits.
+    """
+    gib = fit["gpu_memory_gb"]
+    budget = GPU_USABLE * gib * 2**30
+    sizes: dict[tuple[int, ...], int] = {}
+    for shape in dict.fromkeys(shapes):
+        fitted = tuple(n + k - 1 for n, k in zip(shape, psf_shape))
+        size = largest_batch(fitted, budget, fit["batch_size"])
+        if size == 0:
+            need = fit_memory_bytes(fitted, 1) / 2**30
+            fits = largest_tile(tile_size, margin, psf_shape, budget)
+            hint = (
+                f"set tiling.tile_size to at most {list(fits)}"
+                if fits
+                else "crop the PSF (psf.energy) or use a card with more memory"
+            )
+            raise CiderError(
+                f"a padded tile of {list(shape)} (fitted object {list(fitted)}) needs about {need:.1f} GiB "
+                f"of GPU memory, more than {GPU_USABLE:.0%} of fit.gpu_memory_gb ({gib}); {hint}"
+            )
+        if size < fit["batch_size"]:
+            print(
+                f"cider: tiles of padded shape {list(shape)} are fitted {size} per pass, not "
+                f"fit.batch_size {fit['batch_size']}, to fit fit.gpu_memory_gb {gib}",
+                file=sys.stderr,
+            )
+        sizes[shape] = size
+    return sizes
 
 
 GROUP_VOXELS = 2**26  # most voxels one background or stitch job takes on when it groups images
@@ -528,7 +585,11 @@ def _cached_plan(config_json: str) -> Plan:
         )
     names = tuple(dict.fromkeys(u.name for u in units))
     per_job = config["jobs"]["images_per_job"]
-    batches = make_batches(tiles, config["fit"]["batch_size"], per_job)
+    pass_sizes = None
+    if config["fit"].get("gpu_memory_gb"):
+        shapes = [t.padded_shape for t in tiles]
+        pass_sizes = gpu_pass_sizes(shapes, tuple(psf_shape), tuple(margin), tile_size, config["fit"])
+    batches = make_batches(tiles, config["fit"]["batch_size"], per_job, pass_sizes)
     groups = make_groups([(u.id, int(np.prod(u.shape))) for u in units], per_job, "g")
     voxels_of_name: dict[str, int] = {}
     for u in units:
