@@ -212,7 +212,7 @@ def cider_scores(case: Case, method: str, iterations: int, device: str, override
                     (PROGRESS / f"{case.name}_{method}.json").write_text(json.dumps(curve))
 
     start = time.perf_counter()
-    prepared = prepare(case.observation, case.psf, config)
+    prepared = prepare(case.observation, case.psf, config, voxel_size=case.voxel_size or None)
     features = deconvolved_features(prepared, config)
     fit = fit_generator(features, prepared, config, callback)
     seconds = time.perf_counter() - start

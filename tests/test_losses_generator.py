@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cider.generator import Generator, GeneratorConfig, count_parameters
-from cider.losses import hessian_penalty, sparsity_penalty, ssim_loss
+from cider.losses import hessian_penalty, sparsity_penalty, ssim_loss, ssim_windows
 
 
 def _ramp(shape):
@@ -33,6 +33,36 @@ def test_ssim_loss_zero_for_identical_and_positive_otherwise():
     assert float(ssim_loss(a, torch.rand(1, 1, 32, 32, generator=g))) > 0.5
     v = torch.rand(1, 1, 16, 24, 24, generator=g)
     assert float(ssim_loss(v, v)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ssim_loss_equals_the_reference_implementation():
+    """Values of pytorch-msssim 1.0.0 (11-px window, σ 1.5), which the fit used before."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 1, 24, 28, generator=g, dtype=torch.float64)
+    b = (a + 0.2 * torch.rand(2, 1, 24, 28, generator=g, dtype=torch.float64)) / 1.2
+    k2 = torch.tensor([0.03, 0.3], dtype=torch.float64)
+    reference = torch.tensor([0.030747451545116267, 0.02208794157611338], dtype=torch.float64)
+    torch.testing.assert_close(ssim_loss(a, b, k2=k2, per_sample=True), reference, rtol=0, atol=1e-12)
+    v = torch.rand(1, 1, 13, 20, 22, generator=g, dtype=torch.float64)
+    w = (v + 0.2 * torch.rand(1, 1, 13, 20, 22, generator=g, dtype=torch.float64)) / 1.2
+    assert float(ssim_loss(v, w)) == pytest.approx(0.030461824291907025, abs=1e-12)
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 1.0, 1.0), (0.6, 0.2, 0.2), (2.0, 1.0)])
+def test_ssim_window_has_one_physical_width(spacing):
+    """Each axis's window has a physical standard deviation of 1.5 finest-axis pixels.
+
+    Within 10 %: a Gaussian of σ 0.5 sampled at whole planes has a standard deviation of
+    0.46 planes. An isotropic window on these axes would be 2–3× too wide.
+    """
+    finest = min(spacing)
+    for window, step in zip(ssim_windows(len(spacing), spacing), spacing):
+        radius = window.numel() // 2
+        offsets = (torch.arange(-radius, radius + 1, dtype=torch.float64) * step / finest) ** 2
+        assert float((window.double() * offsets).sum()) ** 0.5 == pytest.approx(1.5, rel=0.1)
+        assert float(window.sum()) == pytest.approx(1.0)
+    assert [w.numel() for w in ssim_windows(3, (3.0, 1.0, 1.0))] == [5, 11, 11]
+    assert [w.numel() for w in ssim_windows(2)] == [11, 11]
 
 
 def test_sparsity():

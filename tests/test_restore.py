@@ -1,5 +1,7 @@
 """End-to-end restore: quality gain, determinism, ablation inputs, error messages."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from cider import ImageError, PsfError, RestoreConfig, gaussian_psf, restore
 from cider.restore import prepare
 from cider.rl import BlurOperator
 
-from .conftest import blobs, psnr
+from .conftest import ROOT, blobs, psnr
 
 FAST = RestoreConfig(iterations=150, normalize=False, rl_iterations=20)
 
@@ -137,3 +139,37 @@ def test_bfloat16_generator_pass_keeps_the_quality(device):
     assert abs(psnr(low.restored, truth) - psnr(full.restored, truth)) < 0.5
     with pytest.raises(cider.CiderError, match="precision"):
         RestoreConfig(precision="float16")
+
+
+def test_anisotropic_voxels_restore_z_at_least_as_well_as_isotropic_weights():
+    """z step 3× xy, PSF σ (1, 1.5, 1.5) voxels, 200 photons at the peak: with the voxel
+    size, the Hessian prior measures physical curvature (z second differences / 9), and
+    the z profile of the result is closer to the truth's than with isotropic weights.
+
+    Measured (1 thread): relative error of the z derivative 0.610 vs 0.624, PSNR 34.26 vs
+    34.24. At 60 photons the physical weights lose 0.16–0.18 dB (bench/README.md,
+    "Anisotropic voxels"): less z smoothing is worse when noise dominates.
+    """
+    sys.path.insert(0, str(ROOT / "bench"))
+    from microscopy_data import degrade, fluorescence_scene
+
+    psf = gaussian_psf((1.0, 1.5, 1.5), size=(7, 9, 9))
+    shape = (8, 24, 24)
+    scene, _ = fluorescence_scene(tuple(n + k - 1 for n, k in zip(shape, psf.shape)), 7, anisotropy=3.0)
+    observation, truth = degrade(scene, psf, 200.0, 2.0, 8)
+    config = RestoreConfig(iterations=100, data_weight=100)
+
+    def z_error_and_psnr(voxel_size):
+        restored = restore(observation, psf, config, voxel_size=voxel_size).restored.astype(np.float64)
+        design = np.stack([restored.ravel(), np.ones(restored.size)], axis=1)
+        (a, b), *_ = np.linalg.lstsq(design, truth.ravel(), rcond=None)
+        fitted = a * restored + b
+        dz = np.diff(fitted, axis=0) - np.diff(truth, axis=0)
+        mse = np.mean((fitted - truth) ** 2)
+        return np.linalg.norm(dz) / np.linalg.norm(np.diff(truth, axis=0)), 10 * np.log10(
+            np.ptp(truth) ** 2 / mse
+        )
+
+    physical, isotropic = z_error_and_psnr((3.0, 1.0, 1.0)), z_error_and_psnr(None)
+    assert physical[0] < isotropic[0] - 0.005, (physical, isotropic)
+    assert physical[1] > isotropic[1] - 0.05, (physical, isotropic)

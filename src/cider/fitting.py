@@ -353,6 +353,7 @@ def _fit_together(
     average: torch.Tensor | None = None
     # keep_best: the estimate at the lowest logged loss, so a late loss spike is not returned
     keep_best = config.keep_best and not config.average
+    ssim_spacing = first.voxel_size if config.ssim_window == "physical" else None
     kept: torch.Tensor | None = None
     lowest: list[float] = []
     pending: list[torch.Tensor] = []
@@ -365,7 +366,9 @@ def _fit_together(
             current = estimate.detach()
             average = current.clone() if average is None else average.lerp_(current, 1 - config.average)
         blurred = blur(estimate)
-        loss = config.ssim_weight * ssim_loss(blurred, members.targets, k2=members.k2, per_sample=True)
+        loss = config.ssim_weight * ssim_loss(
+            blurred, members.targets, k2=members.k2, per_sample=True, spacing=ssim_spacing
+        )
         if config.data_weight:
             loss = loss + members.data * _chi2(blurred, members)
         if config.hessian_weight or config.hessian_noise_weight:

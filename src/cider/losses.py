@@ -9,9 +9,51 @@ our default, 0.02, was tuned on the Levin benchmark (bench/README.md).
 from __future__ import annotations
 
 import torch
-from pytorch_msssim import ssim
+import torch.nn.functional as F
 
-__all__ = ["ssim_loss", "hessian_penalty", "sparsity_penalty"]
+__all__ = ["ssim_loss", "ssim_windows", "hessian_penalty", "sparsity_penalty"]
+
+
+# SSIM window of the isotropic case (Wang et al. 2004): Gaussian, σ = 1.5 px, 11 px wide.
+WINDOW_SIGMA = 1.5
+WINDOW_RADIUS = 5
+
+
+def ssim_windows(ndim: int, spacing: tuple[float, ...] | None = None) -> list[torch.Tensor]:
+    """One normalised 1D Gaussian window per spatial axis, of one *physical* width.
+
+    Every axis gets σ = 1.5 finest-axis pixels, i.e. ``1.5 · min(spacing) / spacing[a]``
+    of its own pixels, and a radius scaled alike (at least 1). Isotropic: 11 px, σ 1.5 on
+    every axis. With a z step 3× the xy pixel, z gets σ 0.5 and 5 px, so SSIM compares
+    the same physical neighbourhood along z as along x instead of one 3× deeper.
+    """
+    relative = [1.0] * ndim if spacing is None else [min(spacing) / s for s in spacing]
+    windows = []
+    for r in relative:
+        sigma = WINDOW_SIGMA * r
+        radius = max(1, round(WINDOW_RADIUS * r))
+        coords = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        g = torch.exp(-(coords**2) / (2 * sigma**2))
+        windows.append(g / g.sum())
+    return windows
+
+
+def _gaussian_filter(x: torch.Tensor, windows: list[torch.Tensor]) -> torch.Tensor:
+    """Separable 'valid' Gaussian filter of (N, C, *spatial) along every axis long enough.
+
+    An axis shorter than its window is not filtered (the statistics are then local in
+    the other axes only), as in the reference implementation (pytorch-msssim).
+    """
+    conv = F.conv2d if x.ndim == 4 else F.conv3d
+    channels = x.shape[1]
+    for axis, window in enumerate(windows, start=2):
+        if x.shape[axis] < window.numel():
+            continue
+        shape = [1] * x.ndim
+        shape[axis] = window.numel()
+        weight = window.to(x.device, x.dtype).reshape(shape).expand(channels, *shape[1:])
+        x = conv(x, weight, groups=channels)
+    return x
 
 
 def ssim_loss(
@@ -20,26 +62,43 @@ def ssim_loss(
     data_range: float = 1.0,
     k2: float | torch.Tensor = 0.03,
     per_sample: bool = False,
+    spacing: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
-    """``1 − SSIM`` with an 11-px Gaussian window (σ = 1.5), for (N,C,Y,X) or (N,C,Z,Y,X).
+    """``1 − SSIM`` with a Gaussian window, for (N, C, Y, X) or (N, C, Z, Y, X).
 
-    ``k2`` sets the contrast–structure constant ``C2 = (k2 · data_range)²`` (standard:
-    0.03). Raised above the noise level, it keeps SSIM from rewarding an estimate whose
-    local variance copies the noise's (see :func:`cider.fitting.fit_generators`). A
-    tensor ``k2`` of shape (N,) gives every sample its own constant.
-    ``per_sample``: return one loss per sample, shape (N,), instead of their mean.
+    Parameters
+    ----------
+    estimate, target : torch.Tensor
+        One shape.
+    data_range : float
+        Value range; ``C1 = (0.01 · data_range)²``.
+    k2 : float or torch.Tensor
+        Sets the contrast–structure constant ``C2 = (k2 · data_range)²`` (standard:
+        0.03). Raised above the noise level, it keeps SSIM from rewarding an estimate
+        whose local variance copies the noise's (see :func:`cider.fitting.fit_generators`).
+        A tensor of shape (N,) gives every sample its own constant.
+    per_sample : bool
+        Return one loss per sample, shape (N,), instead of their mean.
+    spacing : tuple of float, optional
+        Voxel size per spatial axis: the window has one physical width on every axis
+        (:func:`ssim_windows`). Default: isotropic, 11 px with σ = 1.5 (the standard
+        window; the values equal pytorch-msssim's ``ssim`` to float rounding).
     """
     if torch.is_tensor(k2) and k2.ndim:
         k2 = k2.reshape(-1, *([1] * (estimate.ndim - 1)))
-    value = ssim(
-        estimate,
-        target,
-        data_range=data_range,
-        win_size=11,
-        win_sigma=1.5,
-        K=(0.01, k2),
-        size_average=not per_sample,
+    c1 = (0.01 * data_range) ** 2
+    c2 = (k2 * data_range) ** 2
+    windows = ssim_windows(estimate.ndim - 2, spacing)
+    # five filter passes: faster on CPU than one pass over the five moments concatenated
+    mu1, mu2, xx, yy, xy = (
+        _gaussian_filter(m, windows)
+        for m in (estimate, target, estimate * estimate, target * target, estimate * target)
     )
+    mu1_sq, mu2_sq, mu1_mu2 = mu1 * mu1, mu2 * mu2, mu1 * mu2
+    contrast_structure = (2 * (xy - mu1_mu2) + c2) / ((xx - mu1_sq) + (yy - mu2_sq) + c2)
+    ssim_map = (2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1) * contrast_structure
+    per_channel = ssim_map.flatten(2).mean(-1)
+    value = per_channel.mean(1) if per_sample else per_channel.mean()
     return 1 - value
 
 

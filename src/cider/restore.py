@@ -60,6 +60,7 @@ __all__ = [
 GENERATOR_INPUTS = ("features", "image_rl", "noise")
 STOP_RULES = ("discrepancy", "none")
 PRECISIONS = ("float32", "bfloat16")
+SSIM_WINDOWS = ("voxel", "physical")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,15 @@ class RestoreConfig:
         so that SSIM cannot reward copying the noise's local variance (flat bright
         backgrounds otherwise come out textured); structure at or below the noise level
         is left to the noise-weighted data term.
+    ssim_window : {"voxel", "physical"}
+        SSIM's Gaussian window (σ 1.5, 11 px): the same number of voxels on every axis
+        (``"voxel"``), or, with a ``voxel_size``, the same physical width on every axis
+        (``"physical"``: a z step 3× the xy pixel gets σ 0.5 planes). Voxel by default:
+        microscopes sample each axis to match the PSF there (the z step follows the
+        longer axial PSF), so a window of one size in voxels spans the same number of
+        resolution elements on every axis; the physical window measured 0.04–0.16 dB
+        worse on z-step-3× volumes (bench/README.md, "Anisotropic voxels"). The Hessian
+        prior always uses the voxel size.
     data_weight : float
         Weight of the noise-weighted L2 data term ``σ² · mean((Ax − y)² / var(Ax))``
         (the χ² per pixel times the mean noise variance σ², so that the term is an
@@ -171,6 +181,7 @@ class RestoreConfig:
     hessian_weight: float = 0.02
     hessian_noise_weight: float = 60.0
     ssim_noise_factor: float = 5.0
+    ssim_window: str = "voxel"
     sparsity_weight: float = 0.0
     data_weight: float = 0.0
     output: str = "softplus"
@@ -221,6 +232,7 @@ class RestoreConfig:
             ("stop", STOP_RULES),
             ("output", OUTPUTS),
             ("precision", PRECISIONS),
+            ("ssim_window", SSIM_WINDOWS),
         ):
             if getattr(self, name) not in allowed:
                 raise CiderError(
@@ -371,8 +383,10 @@ def prepare(
         the whole image's, so that all tiles get the same loss weights); default: the
         image's mean.
     voxel_size : sequence of float, optional
-        Sampling per axis (Z, Y, X or Y, X); anisotropic voxels weight the Hessian prior
-        per axis (:func:`cider.losses.hessian_penalty`). Default: isotropic.
+        Sampling per axis (Z, Y, X or Y, X). Anisotropic voxels weight the Hessian prior
+        per axis (:func:`cider.losses.hessian_penalty`), and with ``ssim_window
+        "physical"`` shape the SSIM window (:func:`cider.losses.ssim_windows`). Default:
+        isotropic.
     device : torch.device, optional
         Default: ``resolve_device(config.device)``.
     """
