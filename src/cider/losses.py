@@ -8,6 +8,9 @@ our default, 0.02, was tuned on the Levin benchmark (bench/README.md).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +41,15 @@ def ssim_windows(ndim: int, spacing: tuple[float, ...] | None = None) -> list[to
     return windows
 
 
-def _gaussian_filter(x: torch.Tensor, windows: list[torch.Tensor]) -> torch.Tensor:
+@lru_cache(maxsize=16)
+def _windows_on(
+    ndim: int, spacing: tuple[float, ...] | None, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """:func:`ssim_windows` on a device, made once: no host-to-device copy per iteration."""
+    return tuple(w.to(device, dtype) for w in ssim_windows(ndim, spacing))
+
+
+def _gaussian_filter(x: torch.Tensor, windows: Sequence[torch.Tensor]) -> torch.Tensor:
     """Separable 'valid' Gaussian filter of (N, C, *spatial) along every axis long enough.
 
     An axis shorter than its window is not filtered (the statistics are then local in
@@ -51,7 +62,7 @@ def _gaussian_filter(x: torch.Tensor, windows: list[torch.Tensor]) -> torch.Tens
             continue
         shape = [1] * x.ndim
         shape[axis] = window.numel()
-        weight = window.to(x.device, x.dtype).reshape(shape).expand(channels, *shape[1:])
+        weight = window.reshape(shape).expand(channels, *shape[1:])
         x = conv(x, weight, groups=channels)
     return x
 
@@ -88,7 +99,8 @@ def ssim_loss(
         k2 = k2.reshape(-1, *([1] * (estimate.ndim - 1)))
     c1 = (0.01 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
-    windows = ssim_windows(estimate.ndim - 2, spacing)
+    spacing = None if spacing is None else tuple(float(s) for s in spacing)
+    windows = _windows_on(estimate.ndim - 2, spacing, estimate.device, estimate.dtype)
     # five filter passes: faster on CPU than one pass over the five moments concatenated
     mu1, mu2, xx, yy, xy = (
         _gaussian_filter(m, windows)
