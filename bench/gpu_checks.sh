@@ -7,7 +7,8 @@
 # 2. then, side by side on the one GPU (quality, not timings):
 #    - the `gpu`-marked tests of tests/test_restore.py and tests/test_batched_fit.py,
 #    - bench/levin.py, `cider` at $ITERATIONS on each image of the 6-image subset,
-#    - bench/microscopy.py, `cider_curve` (defaults, scored every 100 iterations) per case.
+#    - bench/microscopy.py, `cider_curve` (defaults, scored every 100 iterations) per case, or,
+#      with SWEEP=bench/sweeps/<spec>.json, that sweep (bench/microscopy_sweep.py, JOBS processes).
 # Everything lands in $OUT/gpu_run.tgz (logs, JSON, tables); bench/README.md says how the
 # committed GPU tables were made from it. Needs the Levin data at ../shared/data/levin and
 # the microscopy cases in $CACHE (bench/microscopy_data.py load_case writes them).
@@ -43,11 +44,16 @@ for case in im1_k1 im1_k4 im2_k3 im3_k5 im3_k8 im4_k7; do
     timeout "$limit" python3 bench/levin.py --methods cider --iterations "$iterations" --cases "$case" \
         --device "$device" --threads 1 --output "$run/levin_$case.md" >"$run/logs/levin_$case.log" 2>&1 &
 done
-for case in bars gauss3d_low lightsheet3d_low lightsheet3d_high widefield3d_low widefield3d_high \
-    fluo2d_low plankton2d; do
-    timeout "$limit" python3 bench/microscopy.py --cases "$case" --methods cider_curve --iterations "$iterations" \
-        --device "$device" --cache "$cache" --out "$run" --tag "_$case" --progress "$run/progress" >"$run/logs/microscopy_$case.log" 2>&1 &
-done
+if [ -n "${SWEEP:-}" ]; then # e.g. SWEEP=bench/sweeps/3d_data_term.json: settings x cases instead
+    timeout "$limit" python3 bench/microscopy_sweep.py "$SWEEP" --jobs "${JOBS:-15}" --cache "$cache" \
+        --out "$run/sweep" >"$run/logs/sweep.log" 2>&1 &
+else
+    for case in bars gauss3d_low lightsheet3d_low lightsheet3d_high widefield3d_low widefield3d_high \
+        fluo2d_low plankton2d; do
+        timeout "$limit" python3 bench/microscopy.py --cases "$case" --methods cider_curve --iterations "$iterations" \
+            --device "$device" --cache "$cache" --out "$run" --tag "_$case" --progress "$run/progress" >"$run/logs/microscopy_$case.log" 2>&1 &
+    done
+fi
 stamp "waiting for $(jobs -p | wc -l) processes"
 wait
 stamp "done"
