@@ -332,11 +332,11 @@ def make_batches(
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for tile in tiles:
         by_shape.setdefault(tile.padded_shape, []).append(tile.id)
-    sizes = pass_sizes or {}
+    per_shape = pass_sizes or {}
     passes = [
-        (tuple(ids[start : start + sizes.get(shape, batch_size)]), int(np.prod(shape)))
+        (tuple(ids[start : start + per_shape.get(shape, batch_size)]), int(np.prod(shape)))
         for shape, ids in by_shape.items()
-        for start in range(0, len(ids), sizes.get(shape, batch_size))
+        for start in range(0, len(ids), per_shape.get(shape, batch_size))
     ]
     sizes = [(one_pass, len(one_pass), len(one_pass) * voxels) for one_pass, voxels in passes]
     jobs = _pack(sizes, max(batch_size, images_per_job), FIT_JOB_VOXELS)
