@@ -317,9 +317,9 @@ def test_gpu_memory_sizes_passes_and_names_a_tile_size_that_fits(tmp_path, capfd
             )
     assert f"fitted {max(sizes)} per pass, not fit.batch_size 8" in capfd.readouterr().err
 
-    config["fit"]["gpu_memory_gb"] = 1
+    config["fit"]["gpu_memory_gb"] = 2
     with pytest.raises(
-        CiderError, match=r"needs about \d+\.\d GiB of GPU memory.*fit.gpu_memory_gb \(1\)"
+        CiderError, match=r"needs about \d+\.\d GiB of GPU memory.*fit.gpu_memory_gb \(2\)"
     ) as error:
         make_plan(validate_config(config))
     suggested = json.loads(str(error.value).split("tiling.tile_size to at most ")[1])

@@ -352,11 +352,13 @@ def gpu_pass_sizes(
     margin: tuple[int, ...],
     tile_size: tuple[int, ...],
     fit: dict,
+    least: tuple[int, ...] | None = None,
 ) -> dict[tuple[int, ...], int]:
     """Tiles per pass for every padded tile shape, so each pass fits ``fit.gpu_memory_gb``.
 
     ``fit.batch_size`` where the whole pass fits (:func:`cider.memory.largest_batch`),
-    fewer where not (printed once).
+    fewer where not (printed once). ``least``: the smallest tile core the blending
+    allows, per axis (a suggested tile size never goes below it).
 
     Raises
     ------
@@ -372,7 +374,7 @@ def gpu_pass_sizes(
         size = largest_batch(fitted, budget, fit["batch_size"])
         if size == 0:
             need = fit_memory_bytes(fitted, 1) / 2**30
-            fits = largest_tile(tile_size, margin, psf_shape, budget)
+            fits = largest_tile(tile_size, margin, psf_shape, budget, least)
             hint = (
                 f"set tiling.tile_size to at most {list(fits)}"
                 if fits
@@ -588,7 +590,8 @@ def _cached_plan(config_json: str) -> Plan:
     pass_sizes = None
     if config["fit"].get("gpu_memory_gb"):
         shapes = [t.padded_shape for t in tiles]
-        pass_sizes = gpu_pass_sizes(shapes, tuple(psf_shape), tuple(margin), tile_size, config["fit"])
+        least = tuple(max(8, 4 * b) for b in blend)  # tile_size ≥ 4 × blend (checked above)
+        pass_sizes = gpu_pass_sizes(shapes, tuple(psf_shape), tuple(margin), tile_size, config["fit"], least)
     batches = make_batches(tiles, config["fit"]["batch_size"], per_job, pass_sizes)
     groups = make_groups([(u.id, int(np.prod(u.shape))) for u in units], per_job, "g")
     voxels_of_name: dict[str, int] = {}
