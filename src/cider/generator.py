@@ -59,6 +59,11 @@ class GeneratorConfig:
         if self.output not in OUTPUTS:
             raise ValueError(f"generator output must be one of {OUTPUTS}, got {self.output!r}")
 
+    @property
+    def multiple(self) -> int:
+        """Inputs are padded to a multiple of this per axis (``2**levels``)."""
+        return 2 ** len(self.channels_down)
+
 
 OUTPUTS = ("softplus", "sigmoid")
 
@@ -188,7 +193,7 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        multiple = 2 ** len(self.config.channels_down)
+        multiple = self.config.multiple
         pad: list[int] = []
         for n in reversed(size):
             extra = -n % multiple

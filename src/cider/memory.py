@@ -42,7 +42,7 @@ STATE_COPIES = 4
 # features, observation, cuDNN handles and the allocator's slack, once per process
 OVERHEAD_BYTES = 640 * 2**20
 # A bound on the traced bytes that needs no trace: 4 KiB per voxel of the object padded
-# to the generator's multiple (Generator.forward pads to 2^levels; 2.1–3.9 KiB measured
+# to the generator's multiple (GeneratorConfig.multiple, 16; 2.1–3.9 KiB measured
 # from 20×20 to 132×354² and from 20³ to 80×202²) plus 8 MiB per member.
 BOUND_BYTES_PER_VOXEL = 4 * 2**10
 BOUND_BYTES_PER_MEMBER = 8 * 2**20
@@ -104,7 +104,7 @@ def fit_memory_bytes(object_shape: Sequence[int], batch: int = 1, in_channels: i
 
 def fit_memory_bound(object_shape: Sequence[int], batch: int = 1, in_channels: int = 16) -> int:
     """An upper bound of :func:`fit_memory_bytes` without a trace (instant; 1–2.1× above it)."""
-    multiple = 2 ** len(GeneratorConfig().channels_down)
+    multiple = GeneratorConfig().multiple
     padded = math.prod(-(-n // multiple) * multiple for n in object_shape)
     saved = BOUND_BYTES_PER_VOXEL * padded + BOUND_BYTES_PER_MEMBER
     per_member = PEAK_PER_SAVED_BYTE * saved
