@@ -48,7 +48,6 @@ BOUND_BYTES_PER_VOXEL = 4 * 2**10
 BOUND_BYTES_PER_MEMBER = 8 * 2**20
 
 
-@lru_cache(maxsize=64)
 def activation_bytes(object_shape: Sequence[int], batch: int = 1, in_channels: int = 16) -> int:
     """Bytes of activations autograd keeps for one training step of ``batch`` generators.
 
@@ -65,6 +64,11 @@ def activation_bytes(object_shape: Sequence[int], batch: int = 1, in_channels: i
     in_channels : int
         Feature channels the generator reads.
     """
+    return _traced_bytes(tuple(int(n) for n in object_shape), batch, in_channels)
+
+
+@lru_cache(maxsize=64)
+def _traced_bytes(object_shape: tuple[int, ...], batch: int, in_channels: int) -> int:
     module = Generator(len(object_shape), GeneratorConfig(in_channels=in_channels))
     replace_all_batch_norm_modules_(module)
     module = module.to("meta")
@@ -98,7 +102,7 @@ def fit_memory_bytes(object_shape: Sequence[int], batch: int = 1, in_channels: i
     ``1.75 × batch × activation_bytes(object_shape) + batch × weights and optimiser state
     + 640 MiB``; see the module docstring for how it compares with measured peaks.
     """
-    per_member = PEAK_PER_SAVED_BYTE * activation_bytes(tuple(object_shape), 1, in_channels)
+    per_member = PEAK_PER_SAVED_BYTE * activation_bytes(object_shape, 1, in_channels)
     return int(batch * (per_member + _state_bytes(len(object_shape), in_channels)) + OVERHEAD_BYTES)
 
 
