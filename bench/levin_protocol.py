@@ -60,13 +60,22 @@ def _sse(estimate: np.ndarray, target: np.ndarray, shift: tuple[float, float]) -
     return float(((aligned - target) ** 2).sum()), aligned
 
 
+def _sse_integer(estimate: np.ndarray, target: np.ndarray, shift: tuple[int, int]) -> float:
+    """:func:`_sse` of an integer shift inside the image, by slicing: the same value
+    (bilinear interpolation at whole pixels returns the pixels), ~50× faster."""
+    r, c = CROP + shift[0], CROP + shift[1]
+    return float(((estimate[r : r + SIZE, c : c + SIZE] - target) ** 2).sum())
+
+
 def align(
-    estimate: np.ndarray, sharp: np.ndarray, max_shift: float = 10, step: float = 0.25
+    estimate: np.ndarray, sharp: np.ndarray, max_shift: int = 10, step: float = 0.25
 ) -> tuple[np.ndarray, tuple]:
     """Best sub-pixel translation: integer grid ±max_shift, then ``step`` within ±1 px."""
+    if not 0 <= max_shift <= CROP or estimate.shape[0] < CROP + SIZE + max_shift:
+        raise ValueError(f"align: shifts up to ±{max_shift} px leave the {estimate.shape} image")
     target = sharp[CROP : CROP + SIZE, CROP : CROP + SIZE]
-    integer = np.arange(-max_shift, max_shift + 1)
-    best = min(((a, b) for a in integer for b in integer), key=lambda s: _sse(estimate, target, s)[0])
+    integer = range(-max_shift, max_shift + 1)
+    best = min(((a, b) for a in integer for b in integer), key=lambda s: _sse_integer(estimate, target, s))
     fine = np.arange(-1, 1 + step / 2, step)
     candidates = [
         (best[0] + a, best[1] + b)

@@ -8,7 +8,7 @@ import pytest
 from .conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-from levin_protocol import load_case, score, wiener  # noqa: E402
+from levin_protocol import CROP, SIZE, _sse, _sse_integer, load_case, score, wiener  # noqa: E402
 
 # (image, kernel): blurred PSNR/SSIM and Wiener PSNR/SSIM from the shared reference table
 REFERENCE = {
@@ -48,6 +48,15 @@ def test_all_32_images_blurred_and_wiener_means(levin):
     assert np.mean([s["ssim"] for s in blurred]) == pytest.approx(0.699, abs=0.001)
     assert np.mean([s["psnr"] for s in wien]) == pytest.approx(31.13, abs=0.01)
     assert np.mean([s["ssim"] for s in wien]) == pytest.approx(0.8693, abs=2e-4)
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (-10, 10), (10, -3), (4, 7), (-10, -10)])
+def test_integer_shift_search_equals_the_interpolating_one(shift):
+    """The coarse alignment slices instead of interpolating: the same error, to the bit."""
+    rng = np.random.default_rng(1)
+    estimate, sharp = rng.random((255, 255)), rng.random((255, 255))
+    target = sharp[CROP : CROP + SIZE, CROP : CROP + SIZE]
+    assert _sse_integer(estimate, target, shift) == _sse(estimate, target, shift)[0]
 
 
 def test_kernel_orientation_matters(levin):
