@@ -44,7 +44,10 @@ def _assert_same(batched, sequential):
 
 
 def test_batched_equals_sequential_2d_with_average_and_flat_member():
-    config = RestoreConfig(iterations=16, log_every=4, average=0.8, data_weight=0.5, device="cpu")
+    """Also with the stabilised Hessian, whose noise model and mean level are per member."""
+    config = RestoreConfig(
+        iterations=16, log_every=4, average=0.8, data_weight=0.5, hessian_domain="stabilised", device="cpu"
+    )
     members = _float64_members([(30, 34)] * 3, gaussian_psf(1.2), config)
     flat_prepared = replace(members[0][1], observation=torch.full((30, 34), 0.25, dtype=torch.float64))
     members.insert(1, (members[0][0], flat_prepared))

@@ -1,5 +1,6 @@
 """The ``cider`` command line."""
 
+import json
 import subprocess
 import sys
 
@@ -43,6 +44,16 @@ def test_restore_tiff_round_trip(tmp_path, capsys):
     out = tifffile.imread(tmp_path / "out.tif")
     assert out.shape == (48, 48) and out.dtype == np.float32
     assert '"iterations": 10' in capsys.readouterr().out
+
+
+def test_fluorescence_flag_sets_the_fluorescence_settings_and_says_so(tmp_path, capsys):
+    image = blobs((40, 40), 6)
+    tifffile.imwrite(tmp_path / "in.tif", image.astype(np.float32))
+    args = ["restore", str(tmp_path / "in.tif"), "--gaussian-sigma", "1.2", "-o", str(tmp_path / "out.tif")]
+    assert cli.main([*args, "--iterations", "3", "--quiet", "--fluorescence"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert settings["data_weight"] == 100.0 and settings["hessian_domain"] == "stabilised"
+    assert settings["background"]["enabled"] is True and settings["iterations"] == 3
 
 
 def test_restore_png_with_gaussian_psf(tmp_path):

@@ -11,10 +11,11 @@ The public API works on numpy arrays::
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError, ImageError, PsfError
 from .psf import gaussian_psf, lightsheet_psf, validate_psf, widefield_psf
-from .restore import RestoreConfig, Result, restore
+from .restore import FLUORESCENCE, RestoreConfig, Result, restore
 from .rl import richardson_lucy
 
 __all__ = [
+    "FLUORESCENCE",
     "BackgroundConfig",
     "CiderError",
     "ImageError",

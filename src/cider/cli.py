@@ -18,6 +18,7 @@ examples:
   cider restore blurred.tif --psf psf.tif -o restored.tif
   cider restore cells.png --gaussian-sigma 1.5 --iterations 500 -o restored.png
   cider restore stack.tif --psf psf.tif --background --sparsity 0.5 -o restored.tif
+  cider restore beads.tif --psf psf.tif --fluorescence -o restored.tif
   cider psf --gaussian 1.5 -o psf.tif
   cider psf --widefield --na 1.4 --wavelength 0.52 --voxel 0.3 0.1 0.1 --shape 31 31 31 -o psf.tif
   cider train-features --data ../shared/data/train400 -o features.pt
@@ -27,7 +28,7 @@ examples:
 def _restore(args: argparse.Namespace) -> int:
     from . import io
     from .psf import clean_psf, gaussian_psf
-    from .restore import RestoreConfig, restore
+    from .restore import FLUORESCENCE, RestoreConfig, restore
 
     refusal = _restore_refusal(args)
     if refusal:
@@ -53,6 +54,8 @@ def _restore(args: argparse.Namespace) -> int:
         feature_weights=args.weights,
         early_stop_patience=args.early_stop,
     ).with_(background={"enabled": args.background})
+    if args.fluorescence:
+        config = config.with_(**FLUORESCENCE, background={"enabled": True})
     result = restore(image, psf, config)
     restored, text = result.restored, None
     if Path(args.output).suffix.lower() == ".png":
@@ -68,9 +71,23 @@ def _restore(args: argparse.Namespace) -> int:
         "chi2": result.chi2 if np.isfinite(result.chi2) else None,
         "stopped": result.stopped,
         "seconds": {k: round(v, 2) for k, v in result.timings.items()},
+        "settings": _changed_settings(config),
     }
     print(json.dumps(summary))
     return 0
+
+
+def _changed_settings(config) -> dict:
+    """The settings that differ from ``RestoreConfig()``'s (every one that shaped the result
+    besides the package defaults), JSON-ready."""
+    from dataclasses import asdict
+
+    from .restore import RestoreConfig
+
+    defaults = asdict(RestoreConfig())
+    return {
+        key: value for key, value in asdict(config).items() if value != defaults[key] and key != "progress"
+    }
 
 
 def _restore_refusal(args: argparse.Namespace) -> str | None:
@@ -163,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, default=3000, help="generator fit iterations (default 3000)")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     r.add_argument("--background", action="store_true", help="remove a wavelet background first")
+    r.add_argument(
+        "--fluorescence",
+        action="store_true",
+        help="bright objects on a dark background: background removal, the noise-weighted data "
+        "term and the variance-stabilised Hessian (RestoreConfig: FLUORESCENCE)",
+    )
     r.add_argument("--sparsity", type=float, default=0.0, help="L1 sparsity weight (fluorescence: ~0.1-1)")
     r.add_argument(
         "--hessian", type=float, help="Hessian smoothness weight (default: RestoreConfig.hessian_weight)"

@@ -30,7 +30,7 @@ from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
 from .errors import CiderError
 from .generator import Generator, GeneratorConfig, softplus_inverse
-from .losses import hessian_penalty, sparsity_penalty, ssim_loss
+from .losses import hessian_penalty, sparsity_penalty, ssim_loss, variance_stabilised
 from .rl import BlurOperator
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ class _Members:
     targets: torch.Tensor  # (B, 1, *image_shape)
     gain: torch.Tensor  # (B, 1, ...) noise variance per unit signal
     floor: torch.Tensor  # (B, 1, ...) noise variance at zero signal
+    level: torch.Tensor  # (B, 1, ...) mean signal of the observation
     hessian: torch.Tensor  # (B,) Hessian weight
     k2: torch.Tensor  # (B,) SSIM contrast constant
     data: torch.Tensor  # (B,) weight of the χ² term (data_weight · σ²)
@@ -162,7 +163,7 @@ class _Members:
         )
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.inputs, self.targets, self.gain, self.floor, self.hessian, self.k2, self.data
+        return self.inputs, self.targets, self.gain, self.floor, self.level, self.hessian, self.k2, self.data
 
 
 def _members(
@@ -182,6 +183,7 @@ def _members(
         targets=torch.stack([prepared[i].observation for i in active])[:, None],
         gain=column([prepared[i].noise.gain for i in active], per_pixel=True),
         floor=column([prepared[i].noise.floor for i in active], per_pixel=True),
+        level=column([_level(prepared[i]) for i in active], per_pixel=True),
         hessian=column([w[0] for w in weights]),
         k2=column([w[1] for w in weights]),
         data=column([config.data_weight * prepared[i].noise_level ** 2 for i in active]),
@@ -189,6 +191,11 @@ def _members(
         since_best=[0] * len(active),
         losses=[[] for _ in active],
     )
+
+
+def _level(prepared: Prepared) -> float:
+    """Mean signal of an observation (negative noise excursions count as 0)."""
+    return float(prepared.observation.clamp_min(0).mean())
 
 
 def _check_batch(prepared: Sequence[Prepared], active: list[int]) -> None:
@@ -348,8 +355,7 @@ def _fit_together(
     first = prepared[active[0]]
     blur = BlurOperator(first.psf, first.observation.shape, boundary="valid")
     members = _members(features, prepared, active, config)
-    levels = [float(prepared[i].observation.clamp_min(0).mean()) for i in active]
-    generators = _Generators(members.inputs, config, levels)
+    generators = _Generators(members.inputs, config, members.level.flatten().tolist())
     average: torch.Tensor | None = None
     # keep_best: the estimate at the lowest logged loss, so a late loss spike is not returned
     keep_best = config.keep_best and not config.average
@@ -372,7 +378,12 @@ def _fit_together(
         if config.data_weight:
             loss = loss + members.data * _chi2(blurred, members)
         if config.hessian_weight or config.hessian_noise_weight:
-            loss = loss + members.hessian * hessian_penalty(estimate, first.voxel_size, per_sample=True)
+            curvature = (
+                variance_stabilised(estimate, members.gain, members.floor, members.level)
+                if config.hessian_domain == "stabilised"
+                else estimate
+            )
+            loss = loss + members.hessian * hessian_penalty(curvature, first.voxel_size, per_sample=True)
         if config.sparsity_weight:
             loss = loss + config.sparsity_weight * sparsity_penalty(estimate, per_sample=True)
         loss.sum().backward()

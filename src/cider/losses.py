@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ssim_loss", "ssim_windows", "hessian_penalty", "sparsity_penalty"]
+__all__ = ["ssim_loss", "ssim_windows", "hessian_penalty", "sparsity_penalty", "variance_stabilised"]
 
 
 # SSIM window of the isotropic case (Wang et al. 2004): Gaussian, σ = 1.5 px, 11 px wide.
@@ -161,6 +161,40 @@ def hessian_penalty(
         Return one value per sample, shape (N,), instead of their mean.
     """
     return sum(w * _mean(d.abs(), per_sample) for d, w in _second_differences(x, spacing))
+
+
+# The stabilising offset is at least this × the mean signal: the transform's slope at zero
+# is then at most √5 ≈ 2.2× its slope at the mean. Without it, shot-noise-dominated data
+# (offset 0.03 × the mean on the 600-photon light-sheet case) made the fit stiff in the
+# dark background and its loss curve erratic (bench/README.md, "Variance-stabilised Hessian").
+LEAST_OFFSET = 0.25
+
+
+def variance_stabilised(
+    x: torch.Tensor, gain: torch.Tensor, floor: torch.Tensor, level: torch.Tensor
+) -> torch.Tensor:
+    """Generalised Anscombe transform of ``x``, scaled to slope 1 at the mean ``level``.
+
+    ``2 √(m + c) · (√(x + c) − √c)`` with ``c = floor / gain`` (the signal at which shot
+    noise equals read noise) and ``m = level``: under noise of variance ``gain · x +
+    floor`` its noise is uniform, and near ``m`` it equals ``x`` to first order, so a
+    prior weight keeps its meaning at the mean signal. A structure ``A`` above ``m`` costs
+    a prior ∝ √A instead of ∝ A: bright beads are smoothed less than on the intensity
+    scale, dim background more. Pure Gaussian noise (``gain`` → 0) gives ``x`` (``c`` is
+    capped at 10⁶ ``m``); ``c`` is at least :data:`LEAST_OFFSET` ``m``. Written as
+    ``x / (√(x + c) + √c)`` to keep float precision.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Non-negative estimate, (N, C, *spatial).
+    gain, floor, level : torch.Tensor
+        Noise variance per unit signal, noise variance at zero signal and mean signal,
+        each broadcastable to ``x`` (one value per sample).
+    """
+    offset = torch.minimum(floor / gain.clamp_min(1e-30), 1e6 * level.clamp_min(1e-12))
+    offset = torch.maximum(offset, LEAST_OFFSET * level)
+    return 2 * (level + offset).sqrt() * x / ((x + offset).sqrt() + offset.sqrt())
 
 
 def sparsity_penalty(x: torch.Tensor, per_sample: bool = False) -> torch.Tensor:

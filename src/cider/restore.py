@@ -41,6 +41,7 @@ from .psf import validate_psf
 from .rl import from_positive, richardson_lucy, to_positive
 
 __all__ = [
+    "FLUORESCENCE",
     "RestoreConfig",
     "Prepared",
     "Fit",
@@ -61,6 +62,11 @@ GENERATOR_INPUTS = ("features", "image_rl", "noise")
 STOP_RULES = ("discrepancy", "none")
 PRECISIONS = ("float32", "bfloat16")
 SSIM_WINDOWS = ("voxel", "physical")
+HESSIAN_DOMAINS = ("intensity", "stabilised")
+# Settings for fluorescence (bright objects on a dark background), measured in
+# bench/README.md ("The data term per modality", "Variance-stabilised Hessian"); the
+# defaults suit bright-field and natural images. Use as ``RestoreConfig(**FLUORESCENCE)``.
+FLUORESCENCE = {"data_weight": 100.0, "hessian_domain": "stabilised"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,16 @@ class RestoreConfig:
         units of the intensity scale). SSIM does not know the noise, so a fixed λ is
         either too weak for noisy microscopy or too strong for clean data; ``σ²`` is the
         scaling of a MAP prior weight against a noise-blind data term.
+    hessian_domain : {"intensity", "stabilised"}
+        What the Hessian prior measures: the estimate itself (``intensity``), or its
+        variance-stabilised form (``stabilised``, :func:`cider.losses.variance_stabilised`:
+        the generalised Anscombe transform of the estimated noise model, equal to the
+        intensity to first order at the mean signal). Under shot noise a bright bead is
+        known far better than the dim background, yet an intensity-scale L1 Hessian
+        charges its peak in proportion to its amplitude and flattens it; on the
+        stabilised scale, where the noise is uniform, it costs ∝ √amplitude. For
+        fluorescence (bright objects on a dark background); see bench/README.md,
+        "Variance-stabilised Hessian". Without shot noise (gain 0) both are the same.
     ssim_noise_factor : float
         SSIM's contrast constant is raised to ``k2 = max(0.03, ssim_noise_factor · σ)``
         so that SSIM cannot reward copying the noise's local variance (flat bright
@@ -182,6 +198,7 @@ class RestoreConfig:
     hessian_noise_weight: float = 60.0
     ssim_noise_factor: float = 5.0
     ssim_window: str = "voxel"
+    hessian_domain: str = "intensity"
     sparsity_weight: float = 0.0
     data_weight: float = 0.0
     output: str = "softplus"
@@ -233,6 +250,7 @@ class RestoreConfig:
             ("output", OUTPUTS),
             ("precision", PRECISIONS),
             ("ssim_window", SSIM_WINDOWS),
+            ("hessian_domain", HESSIAN_DOMAINS),
         ):
             if getattr(self, name) not in allowed:
                 raise CiderError(
