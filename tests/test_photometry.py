@@ -69,6 +69,19 @@ def test_stabilised_hessian_lifts_bead_peaks_above_rl():
     assert error < 0.02, error  # measured 0.95 %
 
 
+def test_tiles_of_one_image_share_the_stabilising_scale():
+    """The stabilised Hessian's mean signal is the image's (given once, as the workflow
+    does), not each tile's: tiles of one image see one transform."""
+    y, psf, _, _ = bead_field(seed=2, photons=400.0)
+    noise, mean, scale = estimate_noise(y), float(y.mean()), float(y.max())
+    left, right = (
+        prepare(t, psf, FAST, None, scale, noise, mean_signal=mean) for t in (y[:, :32], y[:, 32:])
+    )
+    assert left.mean_signal == right.mean_signal == pytest.approx(mean / scale)
+    alone = [prepare(t, psf, FAST, None, scale, noise).mean_signal for t in (y[:, :32], y[:, 32:])]
+    assert alone[0] != pytest.approx(alone[1], rel=0.05)  # what each tile would use on its own
+
+
 def test_scaling_the_data_scales_the_result():
     """Output in the input's units: data × 7 gives a result × 7 (zero is not shifted)."""
     y, psf, _, _ = bead_field(seed=1, photons=200.0, background=5.0)

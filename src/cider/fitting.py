@@ -143,7 +143,7 @@ class _Members:
     targets: torch.Tensor  # (B, 1, *image_shape)
     gain: torch.Tensor  # (B, 1, ...) noise variance per unit signal
     floor: torch.Tensor  # (B, 1, ...) noise variance at zero signal
-    level: torch.Tensor  # (B, 1, ...) mean signal of the observation
+    level: torch.Tensor  # (B, 1, ...) mean signal of the image (all its tiles share it)
     hessian: torch.Tensor  # (B,) Hessian weight
     k2: torch.Tensor  # (B,) SSIM contrast constant
     data: torch.Tensor  # (B,) weight of the χ² term (data_weight · σ²)
@@ -183,7 +183,7 @@ def _members(
         targets=torch.stack([prepared[i].observation for i in active])[:, None],
         gain=column([prepared[i].noise.gain for i in active], per_pixel=True),
         floor=column([prepared[i].noise.floor for i in active], per_pixel=True),
-        level=column([_level(prepared[i]) for i in active], per_pixel=True),
+        level=column([prepared[i].mean_signal for i in active], per_pixel=True),
         hessian=column([w[0] for w in weights]),
         k2=column([w[1] for w in weights]),
         data=column([config.data_weight * prepared[i].noise_level ** 2 for i in active]),
@@ -194,7 +194,8 @@ def _members(
 
 
 def _level(prepared: Prepared) -> float:
-    """Mean signal of an observation (negative noise excursions count as 0)."""
+    """Mean signal of this observation (tile), negative noise excursions counting as 0:
+    where each generator's output starts."""
     return float(prepared.observation.clamp_min(0).mean())
 
 
@@ -355,7 +356,7 @@ def _fit_together(
     first = prepared[active[0]]
     blur = BlurOperator(first.psf, first.observation.shape, boundary="valid")
     members = _members(features, prepared, active, config)
-    generators = _Generators(members.inputs, config, members.level.flatten().tolist())
+    generators = _Generators(members.inputs, config, [_level(prepared[i]) for i in active])
     average: torch.Tensor | None = None
     # keep_best: the estimate at the lowest logged loss, so a late loss spike is not returned
     keep_best = config.keep_best and not config.average

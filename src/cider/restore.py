@@ -269,8 +269,10 @@ class Prepared:
     """Observation ready for the method: background removed, divided by ``scale``.
 
     ``image = observation * scale`` maps results back to data units; ``noise`` is the
-    noise model of ``observation`` (already scaled) and ``noise_level`` its standard
-    deviation at the mean signal (same units), which sets the noise-aware loss weights.
+    noise model of ``observation`` (already scaled), ``mean_signal`` the mean signal
+    (same units; the whole image's in the workflow, so all its tiles agree, ≥ 0) and
+    ``noise_level`` the noise's standard deviation there, which sets the noise-aware
+    loss weights and the variance-stabilised Hessian's scale.
     """
 
     observation: torch.Tensor
@@ -279,6 +281,7 @@ class Prepared:
     noise: NoiseModel
     noise_level: float
     voxel_size: tuple[float, ...] | None = None
+    mean_signal: float = 0.0
 
 
 @dataclass
@@ -429,7 +432,7 @@ def prepare(
     level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
     observation = torch.as_tensor(image / scale, dtype=torch.float32, device=device)
     psf_t = torch.as_tensor(psf, dtype=torch.float32, device=device)
-    return Prepared(observation, psf_t, scale, noise, level, voxel_size)
+    return Prepared(observation, psf_t, scale, noise, level, voxel_size, max(mean_signal / scale, 0.0))
 
 
 def intensity_scale(image: np.ndarray) -> float:
