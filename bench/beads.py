@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from microscopy_data import bead_field, box_sums  # noqa: E402
+from microscopy_data import background_median, bead_field, box_sums  # noqa: E402
 
 from cider import RestoreConfig  # noqa: E402
 from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units  # noqa: E402
@@ -40,14 +40,6 @@ FIELDS = {  # name: (seed, photons per bead, number of beads)
     "field_2000_s1": (1, 2000.0, 12),
     "single_400_s3": (3, 400.0, 1),
 }
-
-
-def background_median(image: np.ndarray, spots, radius: int = 8) -> float:
-    """Median of the pixels farther than ``radius`` (Chebyshev) from every bead."""
-    far = np.ones(image.shape, bool)
-    for y, x in spots:
-        far[max(y - radius, 0) : y + radius + 1, max(x - radius, 0) : x + radius + 1] = False
-    return float(np.median(image[far]))
 
 
 def run_field(name: str, domain: str, iterations: int) -> dict:

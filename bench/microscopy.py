@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from microscopy_data import CASES, Case, load_case  # noqa: E402
+from microscopy_data import CASES, Case, box_sums, load_case  # noqa: E402
 
 from cider import RestoreConfig  # noqa: E402
 from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units  # noqa: E402
@@ -56,14 +56,6 @@ def _ssim(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
 
     win = min(7, *[n - (1 - n % 2) for n in a.shape])
     return float(structural_similarity(a, b, data_range=data_range, win_size=win))
-
-
-def _spot_flux(image: np.ndarray, spots, radius: int = 2) -> np.ndarray:
-    sums = []
-    for s in spots:
-        box = tuple(slice(max(c - radius, 0), c + radius + 1) for c in s)
-        sums.append(float(image[box].sum()))
-    return np.asarray(sums)
 
 
 def score(restored: np.ndarray, case: Case) -> dict:
@@ -93,7 +85,7 @@ def score(restored: np.ndarray, case: Case) -> dict:
         "gain": round(float(a), 4),
     }
     if case.spots:
-        t, r = _spot_flux(truth, case.spots), _spot_flux(x, case.spots)
+        t, r = box_sums(truth, case.spots, 2), box_sums(x, case.spots, 2)
         out["spot_err"] = round(100 * float(np.median(np.abs(r / t - 1))), 2)
     return out
 

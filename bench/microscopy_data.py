@@ -229,13 +229,19 @@ def bead_field(
 
 
 def box_sums(image: np.ndarray, spots, radius: int = 4) -> np.ndarray:
-    """Sum of each ``(2 radius + 1)``-px box around the spots."""
-    return np.array(
-        [
-            image[max(y - radius, 0) : y + radius + 1, max(x - radius, 0) : x + radius + 1].sum()
-            for y, x in spots
-        ]
+    """Sum of each ``(2 radius + 1)``-px box around the spots (any number of axes; boxes
+    are cut at the image's low edges)."""
+    return np.asarray(
+        [float(image[tuple(slice(max(c - radius, 0), c + radius + 1) for c in s)].sum()) for s in spots]
     )
+
+
+def background_median(image: np.ndarray, spots, radius: int = 8) -> float:
+    """Median of the pixels farther than ``radius`` (Chebyshev) from every spot."""
+    far = np.ones(image.shape, bool)
+    for s in spots:
+        far[tuple(slice(max(c - radius, 0), c + radius + 1) for c in s)] = False
+    return float(np.median(image[far]))
 
 
 def _crop_energy(psf: np.ndarray, energy: float, max_shape=None) -> np.ndarray:
