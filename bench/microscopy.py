@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from microscopy_data import CASES, Case, box_sums, load_case  # noqa: E402
 
-from cider import RestoreConfig  # noqa: E402
+from cider import RestoreConfig, losses  # noqa: E402
 from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units  # noqa: E402
 from cider.rl import BlurOperator  # noqa: E402
 
@@ -327,9 +327,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--progress", type=Path, default=None, help="write cider_curve curves here as they grow"
     )
+    parser.add_argument(
+        "--least-offset",
+        type=float,
+        default=None,
+        help="stabilised Hessian's least offset / mean signal (cider.losses.LEAST_OFFSET; a sweep knob)",
+    )
     args = parser.parse_args(argv)
     global PROGRESS
     PROGRESS = args.progress
+    if args.least_offset is not None:
+        losses.LEAST_OFFSET = args.least_offset
     overrides = _parse_overrides(args.set)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     path = args.out / f"microscopy{args.tag}.json"
@@ -340,7 +348,13 @@ def main(argv: list[str] | None = None) -> dict:
             run_case(case, args.methods, args.iterations, args.device, overrides)
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"device": device_name, "overrides": overrides, "full": args.full, "cases": results}
+    record = {
+        "device": device_name,
+        "overrides": overrides,
+        "least_offset": losses.LEAST_OFFSET,
+        "full": args.full,
+        "cases": results,
+    }
     path.write_text(json.dumps(record, indent=1))
     (args.out / f"microscopy{args.tag}.md").write_text(table(results, device_name))
     return record

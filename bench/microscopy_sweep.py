@@ -3,10 +3,12 @@
     python bench/microscopy_sweep.py sweep.json --jobs 6 --out results/sweep
 
 ``sweep.json``: ``{"configs": {"name": ["key=value", ...] or {"set": [...], "methods":
-[...], "cases": [...]}}, "cases": [...], "methods": [...], "iterations": N}``. Tasks run case by case (all
+[...], "cases": [...], "args": [more microscopy.py arguments]}}, "cases": [...], "methods":
+[...], "iterations": N}``. Tasks run case by case (all
 settings of the first case first). Every (config, case) runs in its own process (a GPU
 serves several at once); the merged ``sweep.json`` in ``--out`` holds
-``{config: {case: {method: row}}}``.
+``{config: {case: {method: row}}}``; ``--out``/progress/<config> holds the curves as they grow,
+so a sweep cut short still leaves them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--merge-only", action="store_true", help="only merge the finished parts")
     parser.add_argument("--cache", type=Path, default=None, help="folder of cached cases (.npz)")
+    parser.add_argument("--iterations", type=int, default=None, help="instead of the spec's (smoke runs)")
     args = parser.parse_args()
     spec = json.loads(args.spec.read_text())
     work = args.out / "parts"
@@ -53,11 +56,14 @@ def main() -> None:
             "--methods",
             *methods,
             "--iterations",
-            str(spec["iterations"]),
+            str(args.iterations or spec["iterations"]),
             "--tag",
             f"_{name}_{case}",
             "--out",
             str(work),
+            "--progress",
+            str(args.out / "progress" / name),
+            *setting.get("args", []),
         ]
         if args.cache:
             command += ["--cache", str(args.cache)]
