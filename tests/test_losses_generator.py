@@ -97,10 +97,10 @@ def test_variance_stabilised_without_shot_noise_is_the_intensity():
 
 def test_variance_stabilised_slope_at_zero_is_bounded():
     """Pure shot noise (floor ≈ 0) would make the slope at 0 infinite (√x): the least
-    offset (a quarter of the mean) keeps it at √5 × the slope at the mean."""
+    offset (half the mean) keeps it at √3 × the slope at the mean."""
     x = torch.zeros(1, 1, 1, 1, dtype=torch.float64, requires_grad=True)
     variance_stabilised(x, _column(1.0), _column(1e-9), _column(0.2)).backward()
-    assert float(x.grad) == pytest.approx(5**0.5, rel=1e-9)
+    assert float(x.grad) == pytest.approx(3**0.5, rel=1e-9)
 
 
 def test_sparsity():

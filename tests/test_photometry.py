@@ -35,9 +35,12 @@ def test_restored_beads_keep_flux_zero_and_exceed_the_observed_peak(seed, photon
     r = psf.shape[0] // 2
     reblurred = BlurOperator(prepared.psf, y.shape, "valid")(fit.estimate).numpy() * prepared.scale
     assert abs(reblurred[r:-r, r:-r].sum() / y[r:-r, r:-r].sum() - 1) < 0.01
-    # ... and the restored field holds the truth's flux within 5 % (measured +4.9 % at 400
-    # photons, where a faint positive floor under 4,096 dark pixels adds up, and +2.0 % at 2,000).
-    assert abs(x.sum() / truth.sum() - 1) < 0.05, x.sum() / truth.sum()
+    # ... and the restored field holds the truth's flux within 6 %: measured +4.2 % (2
+    # threads) to +4.9 % (1 thread) at 400 photons, +2.1 % at 2,000. At 400 photons the
+    # field's Poisson noise alone is 1.6 % (3,925 photons), half of the truth's flux lies
+    # within a PSF radius of the edge, where the data see only part of a bead's light, and
+    # 150 iterations of a fit differ by ~1 % between thread counts.
+    assert abs(x.sum() / truth.sum() - 1) < 0.06, x.sum() / truth.sum()
     # Not capped at the brightest blurred value (the old sigmoid-on-[min, max] output was).
     assert x.max() > 2 * y.max(), (x.max(), y.max())
     # Integrated spot intensity (9-px boxes) within 5 % of the truth, median over beads
@@ -53,18 +56,18 @@ def test_restored_beads_keep_flux_zero_and_exceed_the_observed_peak(seed, photon
 
 def test_stabilised_hessian_lifts_bead_peaks_above_rl():
     """The Hessian on the variance-stabilised scale charges a bright bead ∝ √amplitude: at
-    2,000 photons and 300 iterations the restored peak is 1.51 × RL(100)'s (0.56 × with
+    2,000 photons and 300 iterations the restored peak is 1.39 × RL(100)'s (0.56 × with
     the intensity-scale Hessian), with flux and spot intensities as tight
-    (bench/results/beads.md: 1.2–2.0 × on every field at 1,000 iterations)."""
+    (bench/results/beads.md: 1.18–2.02 × on every field at 1,000 iterations)."""
     y, psf, truth, spots = bead_field(1, 2000.0, gap=10)
     cfg = FAST.with_(iterations=300, hessian_domain="stabilised")
     prepared = prepare(y, psf, cfg)
     x = to_data_units(fit_generator(deconvolved_features(prepared, cfg), prepared, cfg).estimate, prepared)
     rl = richardson_lucy(torch.tensor(y), psf, 100).numpy()
     assert x.max() > 1.2 * rl.max(), (x.max(), rl.max())
-    assert abs(x.sum() / truth.sum() - 1) < 0.02, x.sum() / truth.sum()  # measured +0.57 %
+    assert abs(x.sum() / truth.sum() - 1) < 0.02, x.sum() / truth.sum()  # measured +0.06 %
     error = np.median(np.abs(box_sums(x, spots) / box_sums(truth, spots) - 1))
-    assert error < 0.02, error  # measured 0.95 %
+    assert error < 0.02, error  # measured 1.09 %
 
 
 def test_tiles_of_one_image_share_the_stabilising_scale():
