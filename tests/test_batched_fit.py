@@ -95,6 +95,36 @@ def test_batch_refuses_members_of_different_shapes_or_psfs():
         fit_generators([a[0], a[0]], [a[1], other_psf], config)
 
 
+def test_warm_start_begins_at_the_given_weights_for_every_member():
+    """A fit started from another fit's final weights, with a vanishing learning rate,
+    returns that fit's estimate (so the weights were loaded, not re-initialised), in a
+    batch as alone; and the warm-started fit differs from a fresh one."""
+    config = RestoreConfig(iterations=12, log_every=4, keep_best=False, device="cpu")
+    members = _float64_members([(30, 34)] * 2, gaussian_psf(1.2), config)
+    (features, prepared), other = members
+    donor = fit_generator(features, prepared, config, keep_weights=True)
+    assert donor.weights is not None and "head.bias" in donor.weights
+    still = config.with_(iterations=1, learning_rate=1e-12)
+    batch = fit_generators([features, other[0]], [prepared, other[1]], still, start=donor.weights)
+    alone = fit_generator(features, prepared, still, start=donor.weights)
+    for fit in (batch[0], alone):
+        np.testing.assert_allclose(fit.estimate.numpy(), donor.estimate.numpy(), rtol=1e-7)
+    fresh = fit_generator(features, prepared, still)
+    assert not torch.allclose(fresh.estimate, donor.estimate, rtol=1e-3)
+
+
+def test_warm_start_with_weights_of_another_generator_is_refused():
+    config = RestoreConfig(iterations=2, log_every=1, device="cpu")
+    ((features, prepared),) = _float64_members([(30, 34)], gaussian_psf(1.2), config)
+    weights = fit_generator(features, prepared, config, keep_weights=True).weights
+    for bad in (
+        {k: v for k, v in weights.items() if k != "head.bias"},
+        {k: v[..., None] for k, v in weights.items()},
+    ):
+        with pytest.raises(CiderError, match="warm start: the weights do not fit this generator"):
+            fit_generator(features, prepared, config, start=bad)
+
+
 def test_members_beyond_the_cpu_batch_size_are_fitted_in_chunks(monkeypatch):
     """On CPU a large batch is split into chunks (faster there); still B independent fits."""
     import cider.fitting

@@ -66,6 +66,9 @@ class Fit:
         itself without a fit).
     flux_factor : float
         Factor the estimate was multiplied by to keep the observed flux (1 if not).
+    weights : dict of str to torch.Tensor or None
+        The generator's final weights (on the CPU), when asked for with ``keep_weights``:
+        the warm start of another fit.
     """
 
     estimate: torch.Tensor
@@ -73,6 +76,7 @@ class Fit:
     chi2: float
     stopped: str
     flux_factor: float = 1.0
+    weights: dict[str, torch.Tensor] | None = None
 
     @property
     def iterations(self) -> int:
@@ -100,8 +104,10 @@ def fit_generator(
     prepared: Prepared,
     config: RestoreConfig,
     callback: Callback | None = None,
+    start: dict[str, torch.Tensor] | None = None,
+    keep_weights: bool = False,
 ) -> Fit:
-    """Fit a freshly initialised generator to one observation.
+    """Fit a generator to one observation, freshly initialised or from ``start``.
 
     Parameters
     ----------
@@ -114,6 +120,8 @@ def fit_generator(
     callback : callable, optional
         Called as ``callback(iteration, loss, estimate)`` every ``config.log_every``
         iterations (``estimate`` is the current output, detached).
+    start, keep_weights
+        As in :func:`fit_generators`.
 
     Returns
     -------
@@ -131,7 +139,9 @@ def fit_generator(
         def member_callback(iteration: int, member: int, loss: float, estimate: torch.Tensor) -> None:
             callback(iteration, loss, estimate)
 
-    return fit_generators([features], [prepared], config, member_callback)[0]
+    return fit_generators(
+        [features], [prepared], config, member_callback, start=start, keep_weights=keep_weights
+    )[0]
 
 
 @dataclass
@@ -222,18 +232,26 @@ def _chi2(blurred: torch.Tensor, members: _Members) -> torch.Tensor:
 class _Generators:
     """B generators with the same initial weights, as stacked parameter tensors."""
 
-    def __init__(self, inputs: torch.Tensor, config: RestoreConfig, levels: list[float]):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        config: RestoreConfig,
+        levels: list[float],
+        start: dict[str, torch.Tensor] | None = None,
+    ):
         torch.manual_seed(config.seed)
         ndim, device = inputs.ndim - 2, inputs.device
         module = Generator(ndim, GeneratorConfig(in_channels=inputs.shape[1], output=config.output))
         replace_all_batch_norm_modules_(module)  # batch statistics only, no running buffers
         self.module = module.to(device=device, dtype=inputs.dtype)
+        if start is not None:
+            _load_start(self.module, start)
         self.buffers = {k: v for k, v in self.module.named_buffers()}
         self.params = {
             name: p.detach()[None].repeat(len(levels), *([1] * p.ndim)).requires_grad_()
             for name, p in self.module.named_parameters()
         }
-        if config.output == "softplus":
+        if config.output == "softplus" and start is None:
             bias = [softplus_inverse(level) for level in levels]
             with torch.no_grad():
                 self.params["head.bias"].copy_(torch.tensor(bias)[:, None])
@@ -245,6 +263,10 @@ class _Generators:
         # to them through the cast); the 1×1 head, the output and the optimiser stay float32.
         # (Batch-norm parameters kept float32 measured as fast and took 21% more memory.)
         self.low_precision = config.precision == "bfloat16"
+
+    def weights(self, row: int) -> dict[str, torch.Tensor]:
+        """Member ``row``'s current weights, detached, on the CPU."""
+        return {name: p[row].detach().to("cpu", copy=True) for name, p in self.params.items()}
 
     def _one(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, (params, self.buffers), (x[None],))[0]
@@ -284,6 +306,8 @@ def fit_generators(
     config: RestoreConfig,
     callback: BatchCallback | None = None,
     labels: Sequence[str] | None = None,
+    start: dict[str, torch.Tensor] | None = None,
+    keep_weights: bool = False,
 ) -> list[Fit]:
     """Fit B generators to B same-shape observations at once (B independent fits).
 
@@ -301,6 +325,13 @@ def fit_generators(
         every ``config.log_every`` iterations.
     labels : sequence of str, optional
         Names of the members (e.g. tile ids) for error messages.
+    start : dict of str to torch.Tensor, optional
+        Warm start: every member's generator begins from these weights (``Fit.weights``
+        of an earlier fit with the same input channels and dimensionality, e.g. a
+        neighbouring tile's) instead of a fresh initialisation; the optimiser state and
+        the learning-rate schedule start afresh.
+    keep_weights : bool
+        Return each member's final weights in ``Fit.weights``.
 
     Returns
     -------
@@ -332,8 +363,9 @@ def fit_generators(
     if device.type == "cuda":
         _configure_cuda(config.deterministic)
     size = len(active) if device.type == "cuda" else _cpu_chunk(features[active[0]][0].numel())
-    for start in range(0, len(active), size):
-        _fit_together(features, prepared, active[start : start + size], config, callback, labels, fits)
+    for first in range(0, len(active), size):
+        chunk = active[first : first + size]
+        _fit_together(features, prepared, chunk, config, callback, labels, fits, start, keep_weights)
     return fits
 
 
@@ -351,12 +383,14 @@ def _fit_together(
     callback: BatchCallback | None,
     labels: list[str],
     fits: list[Fit | None],
+    start: dict[str, torch.Tensor] | None = None,
+    keep_weights: bool = False,
 ) -> None:
     """Fit the members ``active`` in one batch; store each one's Fit in ``fits``."""
     first = prepared[active[0]]
     blur = BlurOperator(first.psf, first.observation.shape, boundary="valid")
     members = _members(features, prepared, active, config)
-    generators = _Generators(members.inputs, config, [_level(prepared[i]) for i in active])
+    generators = _Generators(members.inputs, config, [_level(prepared[i]) for i in active], start)
     average: torch.Tensor | None = None
     # keep_best: the estimate at the lowest logged loss, so a late loss spike is not returned
     keep_best = config.keep_best and not config.average
@@ -434,6 +468,8 @@ def _fit_together(
             fits[i] = _finish(
                 final[row, 0], blur, prepared[i], members.losses[row], chi2[row], why, config, labels[i]
             )
+            if keep_weights:
+                fits[i].weights = generators.weights(row)
         rows = [r for r in range(len(members.index)) if r not in stopping]
         if not rows:
             break
@@ -443,6 +479,22 @@ def _fit_together(
             average = average[rows]
         if keep_best:
             kept, lowest = kept[rows], [lowest[r] for r in rows]
+
+
+def _load_start(module: Generator, start: dict[str, torch.Tensor]) -> None:
+    """Load warm-start weights into a fresh generator, or say why they do not fit it."""
+    own = dict(module.named_parameters())
+    missing = sorted(set(own) - set(start))
+    wrong = [k for k in own if k in start and tuple(start[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        what = f"missing {missing[:3]}" if missing else f"shape of {wrong[:3]}"
+        raise CiderError(
+            f"warm start: the weights do not fit this generator ({what}); they must come from a "
+            "fit with the same dimensionality and generator input"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(start[name])
 
 
 def _configure_cuda(deterministic: bool) -> None:
