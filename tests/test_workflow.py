@@ -441,38 +441,6 @@ def test_end_to_end_3d(tmp_path):
     assert gain > 0.5, f"PSNR gain over the input only {gain:.2f} dB"
 
 
-def test_the_seed_tile_is_the_first_images_central_tile(tmp_path):
-    config = yaml.safe_load(_dataset(tmp_path, (96, 96), 1.0, 32).read_text())
-    plan = make_plan(validate_config(config))
-    assert len(plan.tiles) == 9 and plan.seed_tile.grid_index == (1, 1)
-
-
-@pytest.mark.slow
-def test_warm_start_fits_the_seed_tile_first_and_starts_every_tile_from_it(tmp_path):
-    """fit.warm_start: one seed job with restore.iterations, then every tile (the seed's
-    own too) from its weights at fit.warm_start.iterations; the result still gains on the
-    truth as the cold end-to-end run does."""
-    path = _dataset(tmp_path, (70, 90), 1.5, 40, iterations=60)
-    config = yaml.safe_load(path.read_text())
-    config["fit"]["warm_start"] = {"enabled": True, "iterations": 20}
-    path.write_text(yaml.safe_dump(config))
-    run = _snakemake(path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert _job_counts(run.stderr)["seed"] == 1
-    work = tmp_path / "out" / "work"
-    seed = torch.load(work / "seed" / "generator.pt", weights_only=True)
-    assert seed["tile"] == make_plan(validate_config(config)).seed_tile.id and seed["iterations"] == 60
-    records = [
-        r for f in sorted((work / "metrics").glob("*.json")) for r in json.loads(f.read_text())["tiles"]
-    ]
-    assert len(records) == 6
-    assert {(r["warm_start"], r["iterations"]) for r in records} == {(seed["tile"], 20)}
-    group, meta = _read_ome_zarr(tmp_path / "out" / "input.ome.zarr")
-    restored = np.asarray(group[meta["datasets"][0]["path"]])
-    gain = _psnr_gain(restored, tifffile.imread(tmp_path / "input.tif"), tmp_path)
-    assert gain > 1.0, f"PSNR gain over the input only {gain:.2f} dB"
-
-
 SMALL_RUN = {
     "shape": (60, 60),
     "sigma": 1.2,

@@ -44,22 +44,16 @@ def settings(*keys, **parts):
     return {**{key: config[key] for key in keys}, **parts}
 
 
-def groups_of_tiles(tile_ids):
-    """Intensity records (and backgrounds) of the tiles' units, and the PSF file if any."""
-    groups = dict.fromkeys(PLAN.group_of(PLAN.tile(t).unit_id) for t in tile_ids)
+def groups_of_batch(wildcards):
+    """Intensity records (and backgrounds) of the batch's units, and the PSF file if any."""
+    groups = dict.fromkeys(
+        PLAN.group_of(PLAN.tile(t).unit_id) for t in PLAN.batch(wildcards.batch).tiles
+    )
     files = [str(PATHS.intensity(group)) for group in groups]
     if config["background"]["enabled"]:
         files += [str(PATHS.background(group)) for group in groups]
     if config["psf"]["file"]:
         files.append(config["psf"]["file"])  # a changed PSF file reruns the fits
-    return files
-
-
-def groups_of_batch(wildcards):
-    """What a fit job reads: its tiles' groups, and the seed fit when warm-starting."""
-    files = groups_of_tiles(PLAN.batch(wildcards.batch).tiles)
-    if config["fit"]["warm_start"]["enabled"]:
-        files.append(str(PATHS.seed()))
     return files
 
 

@@ -41,7 +41,7 @@ def script_args(rule: str, namespace: dict) -> tuple[dict, dict]:
     and wildcards, and stdout/stderr go to the rule's log. Run alone, the script takes
     ``--config FILE`` and ``--batch``/``--group``/``--part``.
     """
-    if rule not in ("fit", "seed"):  # a fit reallocates its large tensors every iteration (see below)
+    if rule != "fit":  # the fit reallocates its large tensors every iteration (see below)
         _fixed_mmap_threshold()
     smk = namespace.get("snakemake")
     if smk is not None:

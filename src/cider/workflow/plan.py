@@ -53,10 +53,6 @@ class Paths:
         """Fit metrics of one batch's tiles."""
         return self.work / "metrics" / f"{batch}.json"
 
-    def seed(self) -> Path:
-        """Weights of the seed tile's generator, every tile's warm start (``fit.warm_start``)."""
-        return self.work / "seed" / "generator.pt"
-
     def stitched(self, part: str) -> Path:
         """What one ``stitch`` job wrote (its images and TIFFs): its Snakemake output."""
         return self.work / "stitched" / f"{part}.json"
@@ -245,18 +241,6 @@ class Plan:
     @cached_property
     def _batch_of_tile(self) -> dict[str, str]:
         return {t: b.id for b in self.batches for t in b.tiles}
-
-    @cached_property
-    def seed_tile(self) -> Tile:
-        """The tile whose fit starts every other (``fit.warm_start``): the first image's
-        tile nearest its centre, where the image is least likely to be empty."""
-        unit = self.units[0]
-        centre = [n / 2 for n in unit.shape]
-
-        def distance(tile: Tile) -> float:
-            return sum(((a + b) / 2 - c) ** 2 for (a, b), c in zip(tile.core, centre))
-
-        return min(self.tiles_of(unit.id), key=distance)
 
     def unit(self, unit_id: str) -> Unit:
         return self._units_by_id[unit_id]

@@ -205,10 +205,9 @@ def _flagged_first(items: list, flagged: list[bool], most: int) -> list:
 
 
 def _write_table(path: Path, records: list[dict], flags: dict[str, list[str]], seams: dict) -> None:
-    columns = [
-        *("tile", "unit", "batch", "seconds", "device", "iterations", "warm_start", "stopped"),
-        *("final_loss", "chi2", "flux_factor", "seam", "flags"),
-    ]
+    columns = (
+        "tile unit batch seconds device iterations stopped final_loss chi2 flux_factor seam flags".split()
+    )
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -287,7 +286,6 @@ def run_report(config: dict) -> dict:
         "flagged": flags,
         "units": units,
         "fit_seconds_total": round(sum(r["seconds"] for r in records), 1),
-        "warm_start": config["fit"]["warm_start"] if config["fit"]["warm_start"]["enabled"] else None,
         "devices": sorted({r.get("device_name", r["device"]) for r in records}),
         "outputs": [str(p.image(n)) for n in plan.names],
     }

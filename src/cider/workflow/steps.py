@@ -347,8 +347,6 @@ def run_fit(config: dict, batch_id: str) -> dict:
     failing = set(batch.tiles) & set(os.environ.get(FAIL_ENV, "").split(","))
     if failing:
         raise RuntimeError(f"tile {sorted(failing)[0]}: failure injected through ${FAIL_ENV} (testing hook)")
-    warm = config["fit"]["warm_start"]
-    seed = _load_seed(config) if warm["enabled"] else None
     start = time.perf_counter()
     tiles, fits, prepared = [], [], []
     for one_pass in batch.passes:  # same-shape tiles, fitted together
@@ -356,9 +354,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
         inputs = [_tile_input(config, tile) for tile in pass_tiles]
         pass_prepared = [i[0] for i in inputs]
         labels = [f"tile {t}" for t in one_pass]
-        rcfg = inputs[0][2].with_(iterations=warm["iterations"]) if seed else inputs[0][2]
-        weights = seed["weights"] if seed else None
-        fits += fit_generators([i[1] for i in inputs], pass_prepared, rcfg, labels=labels, start=weights)
+        fits += fit_generators([i[1] for i in inputs], pass_prepared, inputs[0][2], labels=labels)
         tiles += pass_tiles
         prepared += pass_prepared
     seconds = round(time.perf_counter() - start, 2)
@@ -381,7 +377,6 @@ def run_fit(config: dict, batch_id: str) -> dict:
                 "loss_history": losses[:: max(1, len(losses) // 200)],
                 "seconds": round(seconds / len(tiles), 2),
                 "device": str(device),
-                "warm_start": seed["tile"] if seed else None,
             }
         )
     batch_record = {
@@ -399,54 +394,6 @@ def run_fit(config: dict, batch_id: str) -> dict:
     io.atomic_write_npz(p.tiles(batch_id), restored)
     io.atomic_write_json(p.metrics(batch_id), batch_record)
     return batch_record
-
-
-def run_seed(config: dict) -> dict:
-    """Fit the seed tile (``Plan.seed_tile``) with ``restore.iterations``; save its weights.
-
-    Every fit job then starts its tiles from these weights (``fit.warm_start``). Writes
-    ``work/seed/generator.pt``: the weights and a record of the fit (tile, iterations,
-    final loss, seconds, device), atomically.
-    """
-    import torch
-
-    from ..fitting import fit_generator
-    from ..restore import resolve_device
-
-    plan, p = make_plan(config), paths(config)
-    resolve_device(config["restore"]["device"])
-    tile = plan.seed_tile
-    prepared, features, rcfg = _tile_input(config, tile)
-    start = time.perf_counter()
-    fit = fit_generator(features, prepared, rcfg, keep_weights=True)
-    record = {
-        "tile": tile.id,
-        "iterations": fit.iterations,
-        "final_loss": fit.losses[-1] if fit.losses else None,
-        "stopped": fit.stopped,
-        "seconds": round(time.perf_counter() - start, 2),
-        "device": str(prepared.observation.device),
-    }
-    if fit.weights is None:  # a flat seed tile: nothing was fitted, nothing to start from
-        raise CiderError(
-            f"seed tile {tile.id} is flat (constant): no fit to warm-start from; set "
-            "fit.warm_start.enabled: false or choose another first input"
-        )
-    p.seed().parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.seed().with_suffix(".tmp")
-    torch.save({**record, "weights": fit.weights}, tmp)
-    os.replace(tmp, p.seed())
-    return record
-
-
-def _load_seed(config: dict) -> dict:
-    """The seed fit written by :func:`run_seed` (weights and record)."""
-    import torch
-
-    path = paths(config).seed()
-    if not path.exists():
-        raise CiderError(f"{path}: no seed fit; run the rule seed first (fit.warm_start.enabled is true)")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class TileReader:
