@@ -150,10 +150,11 @@ def degrade(obj: np.ndarray, psf: np.ndarray, photons: float, read_noise: float,
     return observation, obj[crop] * photons
 
 
-def synthetic_case(name: str, full: bool = False) -> Case:
-    """One of the synthetic cases by name (see :data:`SYNTHETIC`)."""
+def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Case:
+    """One of the synthetic cases by name (see :data:`SYNTHETIC`); ``seed`` draws another
+    scene and noise of the same kind (default: the case's own, from its name)."""
     kind, psf_kind, level = SYNTHETIC[name]
-    seed = sum(map(ord, name))
+    seed = sum(map(ord, name)) if seed is None else seed
     if kind == "volume":
         field_shape = (64, 128, 128) if full else (32, 64, 64)
         if psf_kind == "lightsheet":
