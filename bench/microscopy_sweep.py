@@ -3,8 +3,8 @@
     python bench/microscopy_sweep.py sweep.json --jobs 6 --out results/sweep
 
 ``sweep.json``: ``{"configs": {"name": ["key=value", ...] or {"set": [...], "methods":
-[...], "cases": [...], "args": [more microscopy.py arguments]}}, "cases": [...], "methods":
-[...], "iterations": N}``. Tasks run case by case (all
+[...], "cases": [...], "args": [more microscopy.py arguments], "iterations": N}}, "cases":
+[...], "methods": [...], "iterations": N}`` (a config's own ``iterations`` wins). Tasks run case by case (all
 settings of the first case first). Every (config, case) runs in its own process (a GPU
 serves several at once); the merged ``sweep.json`` in ``--out`` holds
 ``{config: {case: {method: row}}}``; ``--out``/progress/<config> holds the curves as they grow,
@@ -56,7 +56,7 @@ def main() -> None:
             "--methods",
             *methods,
             "--iterations",
-            str(args.iterations or spec["iterations"]),
+            str(args.iterations or setting.get("iterations", spec["iterations"])),
             "--tag",
             f"_{name}_{case}",
             "--out",
