@@ -1,7 +1,9 @@
 """Glue between the Snakemake workflow and the library, one module per job.
 
 - :mod:`.config`: the dataset config (schema, defaults, validation);
-- :mod:`.plan`: paths of a run and the plan (units, tiles, fit batches, job groups);
+- :mod:`.layout`: where a run's files live;
+- :mod:`.optics`: the PSF the config describes;
+- :mod:`.plan`: the plan (units, tiles, fit batches, job groups);
 - :mod:`.steps`: one ``run_*`` function per rule;
 - :mod:`.report`: the QC report;
 - :mod:`.glue`: config and wildcards for a rule script (Snakemake or shell).
@@ -12,19 +14,17 @@ wildcard, so a rule can also be run alone from the shell (see ``scripts/*.py``).
 
 from .config import SCHEMA, load_config, validate_config
 from .glue import ALLOW_CPU_ENV, require_gpu, script_args
+from .layout import Paths, drop_stale_manifests, paths
+from .optics import make_psf
 from .plan import (
     Batch,
     Group,
-    Paths,
     Plan,
     Unit,
-    drop_stale_manifests,
     input_files,
     make_batches,
     make_groups,
     make_plan,
-    make_psf,
-    paths,
 )
 from .report import boundary_seams, run_report, tile_flags
 from .steps import (

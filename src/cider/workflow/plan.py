@@ -1,4 +1,4 @@
-"""Where a run's files live and the tile plan: units, tiles, batches (from the inputs' shapes)."""
+"""The tile plan: units, tiles, fit batches and job groups (from the inputs' shapes), stored once."""
 
 from __future__ import annotations
 
@@ -16,90 +16,11 @@ import numpy as np
 from .. import io
 from ..errors import CiderError
 from ..memory import fit_memory_bytes, largest_batch, largest_tile
-from ..psf import clean_psf, gaussian_psf, lightsheet_psf, widefield_psf
 from ..tiling import Tile, minimum_margin, tile_grid, unit_name
+from .layout import paths
+from .optics import make_psf
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Where every file of a run lives."""
-
-    output: Path
-    work: Path
-
-    def input_zarr(self) -> Path:
-        return self.work / "input.zarr"
-
-    def prepared(self) -> Path:
-        return self.work / "prepared.json"
-
-    def plan(self) -> Path:
-        """The tile plan, written once (see :func:`make_plan`)."""
-        return self.work / "plan.json"
-
-    def background(self, group: str) -> Path:
-        """Wavelet backgrounds of a group's units (Zarr group, one array per unit id)."""
-        return self.work / "background" / f"{group}.zarr"
-
-    def intensity(self, group: str) -> Path:
-        """Intensity scale, noise model and feature range of a group's units, by unit id."""
-        return self.work / "background" / f"{group}.json"
-
-    def tiles(self, batch: str) -> Path:
-        """Restored padded tiles of one batch, one array per tile id."""
-        return self.work / "tiles" / f"{batch}.npz"
-
-    def metrics(self, batch: str) -> Path:
-        """Fit metrics of one batch's tiles."""
-        return self.work / "metrics" / f"{batch}.json"
-
-    def stitched(self, part: str) -> Path:
-        """What one ``stitch`` job wrote (its images and TIFFs): its Snakemake output."""
-        return self.work / "stitched" / f"{part}.json"
-
-    def image(self, name: str) -> Path:
-        return self.output / f"{name}.ome.zarr"
-
-    def tiff(self, name: str) -> Path:
-        return self.output / f"{name}.tif"
-
-    def report(self) -> Path:
-        return self.output / "report" / "index.html"
-
-
-def paths(config: dict) -> Paths:
-    output = Path(config["output_dir"])
-    return Paths(output, Path(config.get("work_dir") or output / "work"))
-
-
-def drop_stale_manifests(run: Paths, part_ids: Sequence[str]) -> list[str]:
-    """Remove the stitch records whose images (or TIFFs) are no longer all there.
-
-    A ``stitch`` job's Snakemake output is its record (``work/stitched/{part}.json``), not
-    the images it lists, so that one job can write many images. A record whose files were
-    deleted or moved is removed here, and Snakemake then stitches that part again.
-
-    Returns
-    -------
-    list[str]
-        The ids of the parts whose records were removed.
-    """
-    dropped = []
-    for part in part_ids:
-        record = run.stitched(part)
-        if not record.exists():
-            continue
-        try:
-            files = [f for entry in json.loads(record.read_text())["images"].values() for f in entry["files"]]
-        except (OSError, ValueError, KeyError):
-            files = [str(record / "unreadable")]
-        if not all(os.path.exists(f) for f in files):
-            record.unlink()
-            dropped.append(part)
-    return dropped
-
-
-# ------------------------------------------------------------------------------- plan
 @dataclass(frozen=True)
 class Unit:
     """One image to restore: a (file, time point, channel) with a 2D/3D spatial shape."""
@@ -445,79 +366,6 @@ def _units(config: dict) -> list[Unit]:
             spatial_shape = tuple(n for a, n in zip(axes, shape) if a in "ZYX")
             units.append(Unit(unit_name(len(units)), name, file, tuple(int(i) for i in index), spatial_shape))
     return units
-
-
-def make_psf(config: dict, ndim: int) -> np.ndarray:
-    """The PSF the config describes (file, Gaussian or optical model), validated.
-
-    Computed once per process (the plan and a tile's restore both need it).
-    """
-    key = json.dumps({"psf": config["psf"], "voxel_size": config["input"]["voxel_size"]}, sort_keys=True)
-    return _cached_psf(key, ndim).copy()
-
-
-@lru_cache(maxsize=8)
-def _cached_psf(key: str, ndim: int) -> np.ndarray:
-    config = json.loads(key)
-    spec = config["psf"]
-    voxel = config["voxel_size"]
-    given = [f"psf.{k}" for k in ("file", "gaussian_sigma", "model") if spec.get(k) not in (None, "")]
-    if len(given) > 1:
-        raise CiderError(
-            f"config keys {', '.join(given)}: give only one of psf.file, psf.gaussian_sigma or psf.model "
-            "(they describe the PSF in different ways)"
-        )
-    if spec.get("file"):
-        name = f"config key 'psf.file' ({spec['file']})"
-        psf_voxel = spec.get("voxel_size")
-        if psf_voxel is not None and voxel is None:
-            raise CiderError(
-                "config key 'psf.voxel_size' needs 'input.voxel_size' (the image's sampling) too"
-            )
-        measured = io.read_psf(spec["file"])
-        if measured.ndim != ndim:
-            raise CiderError(
-                f"{name}: the PSF has {measured.ndim} axes (shape {measured.shape}) but the images have "
-                f"{ndim} spatial axes (input.axes); give a PSF with one axis per spatial axis"
-            )
-        psf, notes = clean_psf(
-            measured,
-            name=name,
-            psf_voxel_size=psf_voxel,
-            image_voxel_size=voxel if psf_voxel is not None else None,
-            remove_pedestal=spec["remove_pedestal"],
-            recentre=spec["recentre"],
-            energy=spec["energy"],
-        )
-        for note in notes:
-            print(f"cider: {note}", file=sys.stderr)
-        return psf
-    if spec.get("model"):
-        size = spec.get("size")
-        if not size or len(size) != ndim:
-            raise CiderError(f"config key 'psf.size': give {ndim} odd sizes for psf.model {spec['model']!r}")
-        needed = (
-            ("wavelength", "na", "sheet_thickness") if spec["model"] == "lightsheet" else ("wavelength", "na")
-        )
-        missing = [f"psf.{k}" for k in needed if spec.get(k) is None]
-        if missing:
-            raise CiderError(
-                f"config key psf.model {spec['model']!r} needs {', '.join(missing)} (see config/README.md)"
-            )
-        if voxel is None:
-            raise CiderError(f"config key psf.model {spec['model']!r} needs input.voxel_size (µm per axis)")
-        indices = {k: spec[k] for k in ("immersion_index", "sample_index") if spec.get(k) is not None}
-        if "immersion_index" in indices:
-            indices.setdefault("sample_index", indices["immersion_index"])
-        if spec["model"] == "lightsheet":
-            return lightsheet_psf(
-                size, voxel, spec["wavelength"], spec["na"], spec["sheet_thickness"], **indices
-            )
-        return widefield_psf(size, voxel, spec["wavelength"], spec["na"], **indices)
-    sigma = spec.get("gaussian_sigma")
-    if sigma is None:
-        raise CiderError("config key 'psf': give one of 'file', 'gaussian_sigma' or 'model'")
-    return gaussian_psf(sigma if isinstance(sigma, (int, float)) else tuple(sigma), ndim=ndim)
 
 
 def _check_outputs(config: dict) -> None:

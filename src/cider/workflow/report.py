@@ -23,7 +23,8 @@ import numpy as np
 
 from .. import io
 from ..tiling import Tile
-from .plan import Unit, make_plan, paths
+from .layout import paths
+from .plan import Unit, make_plan
 from .steps import tile_metrics, unit_array
 
 PREVIEW_SIDE = 512  # longest side of a preview wanted, pixels (the coarsest level that has it)

@@ -20,7 +20,9 @@ from ..background import BackgroundConfig
 from ..errors import CiderError
 from ..noise import NoiseModel
 from ..tiling import Tile, block_grid, stitch_block
-from .plan import Unit, make_plan, make_psf, paths, per_axis
+from .layout import paths
+from .optics import make_psf
+from .plan import Unit, make_plan, per_axis
 
 FAIL_ENV = "CIDER_FAIL_TILES"  # comma-separated tile ids whose batch fails (fault injection for tests)
 
