@@ -79,6 +79,7 @@ LEGACY = {
     "log_every": 10,
     "hessian_noise_weight": 0.0,
     "ssim_noise_factor": 0.0,
+    "keep_best_by": "loss",
 }
 
 

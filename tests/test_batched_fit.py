@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cider.errors import CiderError
-from cider.fitting import fit_generator, fit_generators
+from cider.fitting import _judged, fit_generator, fit_generators
 from cider.psf import gaussian_psf
 from cider.restore import RestoreConfig, deconvolved_features, prepare
 
@@ -123,6 +123,22 @@ def test_warm_start_with_weights_of_another_generator_is_refused():
     ):
         with pytest.raises(CiderError, match="warm start: the weights do not fit this generator"):
             fit_generator(features, prepared, config, start=bad)
+
+
+@pytest.mark.parametrize("by", ["loss", "block"])
+def test_keep_best_returns_the_logged_estimate_it_judged_best(by):
+    """``keep_best`` returns the logged estimate with the lowest loss: its own
+    (``keep_best_by: loss``) or its log block's mean (``block``)."""
+    config = RestoreConfig(iterations=40, log_every=4, preserve_flux=False, keep_best_by=by, device="cpu")
+    ((features, prepared),) = _float64_members([(30, 34)], gaussian_psf(1.2), config)
+    logged = []
+    fit = fit_generator(
+        features, prepared, config, callback=lambda it, loss, estimate: logged.append(estimate.clone())
+    )
+    blocks = np.asarray(fit.losses).reshape(-1, config.log_every)
+    judged = blocks[:, -1] if by == "loss" else blocks.mean(axis=1)
+    np.testing.assert_array_equal(fit.estimate.numpy(), logged[int(np.argmin(judged))].numpy())
+    assert _judged([3.0, 1.0, 2.0], by) == (2.0 if by == "loss" else 6.0 / 3)
 
 
 def test_members_beyond_the_cpu_batch_size_are_fitted_in_chunks(monkeypatch):

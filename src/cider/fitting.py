@@ -437,8 +437,9 @@ def _fit_together(
             if kept is None:
                 kept, lowest = current.clone(), [math.inf] * len(block)
             for row, values in enumerate(block):
-                if values[-1] < lowest[row]:
-                    lowest[row] = values[-1]
+                judged = _judged(values, config.keep_best_by)
+                if judged < lowest[row]:
+                    lowest[row] = judged
                     kept[row] = current[row]
         stopping: dict[int, str] = {}
         for row, values in enumerate(block):
@@ -517,6 +518,12 @@ def _plateau(members: _Members, row: int, values: list[float], config: RestoreCo
 
 
 @torch.no_grad()
+def _judged(values: list[float], by: str) -> float:
+    """The loss by which ``keep_best`` judges the estimate that ends a log block of
+    ``values``: its own (``by="loss"``) or the block's mean (``"block"``)."""
+    return sum(values) / len(values) if by == "block" else values[-1]
+
+
 def _finish(
     estimate: torch.Tensor,
     blur: BlurOperator,

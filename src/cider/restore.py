@@ -63,6 +63,7 @@ STOP_RULES = ("discrepancy", "none")
 PRECISIONS = ("float32", "bfloat16")
 SSIM_WINDOWS = ("voxel", "physical")
 HESSIAN_DOMAINS = ("intensity", "stabilised")
+KEEP_BEST_BY = ("loss", "block")
 # Settings for fluorescence (bright objects on a dark background), measured in
 # bench/README.md ("The data term per modality", "Variance-stabilised Hessian"); the
 # defaults suit bright-field and natural images. Use as ``RestoreConfig(**FLUORESCENCE)``.
@@ -141,6 +142,13 @@ class RestoreConfig:
         iterations), not the last one: with the unbounded softplus output the loss can
         spike late in the fit and not recover (Levin im1_k1 on CPU: 32.3 dB at 500
         iterations, 30.6 dB at 1000). Off when ``average`` is on.
+    keep_best_by : str
+        How ``keep_best`` judges a logged estimate: ``loss``, by its own loss; ``block``,
+        by the mean loss of the ``log_every`` iterations that end at it. While the loss
+        jitters around a plateau, its lowest single value is often an early, lucky point
+        (fluo2d_low, 500 it.: the it.-150 estimate, 26.12 dB, where the last scores 26.23);
+        the block mean is less swayed by such a dip. Not yet the default: it changes
+        every result and was measured in 2D only (bench/README.md, "keep_best").
     average : float
         Decay of an exponential moving average of the generator's output over the
         iterations (0: off, the last output is the estimate). Averaging cancels the
@@ -206,6 +214,7 @@ class RestoreConfig:
     discrepancy: float = 1.0
     preserve_flux: bool = True
     keep_best: bool = True
+    keep_best_by: str = "loss"
     average: float = 0.0
     log_every: int = 10
     rl_iterations: int = 20
@@ -251,6 +260,7 @@ class RestoreConfig:
             ("precision", PRECISIONS),
             ("ssim_window", SSIM_WINDOWS),
             ("hessian_domain", HESSIAN_DOMAINS),
+            ("keep_best_by", KEEP_BEST_BY),
         ):
             if getattr(self, name) not in allowed:
                 raise CiderError(
