@@ -16,7 +16,17 @@
 # Other knobs: THROUGHPUT=0 skips step 1; LEVIN_CASES="im1_k2 ..." (any of the 32) with
 # LEVIN_JOBS workers taking them in turn (each image is stored when done, so a cut run resumes);
 # SWEEP_ITERATIONS overrides the sweep spec's iterations (smoke runs).
+# CARRY=.devcarry (built here by bench/gpu_carry.sh, carried to the device): install its wheels
+# into /tmp/site, use its Levin data and case cache.
 set -u
+if [ -n "${CARRY:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$CARRY"/whl/*.whl || exit
+    export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+    mkdir -p ../shared/data
+    [ -e ../shared/data/levin ] || ln -s "$PWD/$CARRY/data/levin" ../shared/data/levin
+    CACHE=${CACHE:-$CARRY/cache}
+fi
 out=${OUT:-/tmp/gpu_checks}
 run="$out/run"
 mkdir -p "$run/logs"
