@@ -51,7 +51,7 @@ def fit(image: Case, config: RestoreConfig, start: dict | None = None, keep: boo
     result = fit_generator(features, prepared, config, start=start, keep_weights=keep)
     seconds = time.perf_counter() - begin
     s = score(to_data_units(result.estimate, prepared), image)
-    row = {k: s[k] for k in ("psnr", "ssim", "flux_err")}
+    row = {k: s[k] for k in ("psnr", "ssim", "flux_err", "flat_std")}
     return {**row, "iterations": result.iterations, "seconds": round(seconds, 1)}, result
 
 
