@@ -44,3 +44,30 @@ def test_scorer_ignores_gain_for_psnr_but_not_for_flux(case):
     x = torch.tensor(case.truth).numpy() * 2
     s = microscopy.score(x, case)
     assert s["psnr"] > 100 and s["flux_err"] == pytest.approx(100.0)
+
+
+def test_schedules_table_names_the_fewest_iterations_within_a_tenth_of_a_db():
+    import schedules
+
+    from cider.workflow import load_config
+
+    def row(seed, schedule, psnr, iterations=None):
+        it = iterations or schedule
+        return {
+            "case": "c",
+            "seed": seed,
+            "schedule": schedule,
+            "psnr": psnr,
+            "ssim": 0.5,
+            "flat_std": 1.0,
+            "iterations": it,
+        }
+
+    rows = [row(None, 100, 25.80), row(None, 250, 25.95), row(None, 1000, 26.0)]
+    rows += [row(7, 100, 27.0), row(7, 250, 26.5), row(7, 1000, 26.0), row(7, "config: 3000 it.", 26.1, 1480)]
+    lines = schedules.table(rows, (100, 250, 1000)).splitlines()
+    assert lines[-3].startswith("| c | case |") and lines[-3].endswith("| – | 250 |")
+    assert lines[-2].endswith("| 26.10 / 0.500 / 1.00 [1480] | 100 |")
+    assert "**26.40 / 0.500 / 1.00**" in lines[-1]  # mean of 25.80 and 27.0
+    shipped = load_config(schedules.PLANKTON_CONFIG)["restore"]  # as the pipeline reads it
+    assert schedules.settings("plankton2d").iterations == shipped["iterations"]
