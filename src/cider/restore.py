@@ -148,7 +148,8 @@ class RestoreConfig:
         jitters around a plateau, its lowest single value is often an early, lucky point
         (fluo2d_low, 500 it.: the it.-150 estimate, 26.12 dB, where the last scores 26.23);
         the block mean is less swayed by such a dip. Not yet the default: it changes
-        every result and was measured in 2D only (bench/README.md, "keep_best").
+        every result and was measured in 2D only (+0.02 to +0.08 dB on fluorescence, ±0.01
+        on plankton; bench/README.md, "keep_best judged on the block mean").
     average : float
         Decay of an exponential moving average of the generator's output over the
         iterations (0: off, the last output is the estimate). Averaging cancels the
