@@ -517,13 +517,13 @@ def _plateau(members: _Members, row: int, values: list[float], config: RestoreCo
     return members.since_best[row] >= config.early_stop_patience
 
 
-@torch.no_grad()
 def _judged(values: list[float], by: str) -> float:
     """The loss by which ``keep_best`` judges the estimate that ends a log block of
     ``values``: its own (``by="loss"``) or the block's mean (``"block"``)."""
     return sum(values) / len(values) if by == "block" else values[-1]
 
 
+@torch.no_grad()
 def _finish(
     estimate: torch.Tensor,
     blur: BlurOperator,
