@@ -171,9 +171,9 @@ def test_anisotropic_voxels_restore_z_at_least_as_well_as_isotropic_weights():
             np.ptp(truth) ** 2 / mse
         )
 
+    big = tuple(n + k - 1 for n, k in zip(shape, psf.shape))  # the scene the valid blur sees
     physical, isotropic = [], []
     for seed in (7, 17, 27, 37):
-        big = tuple(n + k - 1 for n, k in zip(shape, psf.shape))
         scene, _ = fluorescence_scene(big, seed, anisotropy=3.0)
         observation, truth = degrade(scene, psf, 200.0, 2.0, seed + 1)
         physical.append(z_error_and_psnr(observation, truth, (3.0, 1.0, 1.0)))

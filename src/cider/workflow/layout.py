@@ -23,7 +23,7 @@ class Paths:
         return self.work / "prepared.json"
 
     def plan(self) -> Path:
-        """The tile plan, written once (see :func:`make_plan`)."""
+        """The tile plan, written once (see :func:`cider.workflow.plan.make_plan`)."""
         return self.work / "plan.json"
 
     def background(self, group: str) -> Path:
