@@ -264,7 +264,10 @@ def _brief(row: dict) -> str:
     return " ".join(f"{k}={row[k]}" for k in keys if k in row)
 
 
-def _parse_overrides(items: list[str]) -> dict:
+def parse_overrides(items: list[str]) -> dict:
+    """``--set`` items ``KEY=VALUE`` → a dict; numbers, lists, objects and booleans are read
+    as JSON (``data_weight=100``, ``voxel_size=[3,1,1]``), anything else stays a string.
+    Shared by the benches that take ``--set``."""
     out = {}
     for item in items:
         key, value = item.split("=", 1)
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     PROGRESS = args.progress
     if args.least_offset is not None:
         losses.LEAST_OFFSET = args.least_offset
-    overrides = _parse_overrides(args.set)
+    overrides = parse_overrides(args.set)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     path = args.out / f"microscopy{args.tag}.json"
     results = json.loads(path.read_text()).get("cases", {}) if path.exists() else {}
