@@ -154,7 +154,17 @@ def _train(args: argparse.Namespace) -> int:
         print(f"cider train-features: no PNG images in {args.data}", file=sys.stderr)
         return 2
     images = [io.read_image(f).astype(np.float32) / 255.0 for f in files]
-    config = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads)
+    config = TrainConfig(
+        steps=args.steps,
+        seed=args.seed,
+        threads=args.threads,
+        noise_max=args.noise_max,
+        kernel_mix=tuple(args.kernel_mix),
+        poisson_fraction=args.poisson_fraction,
+        photons=tuple(args.photons),
+        deconvolution=args.deconvolution,
+        rl_iterations=args.rl_iterations,
+    )
     model, record = train_feature_extractor(images, config, log=lambda line: print(line, flush=True))
     record["data"] = {"folder": Path(args.data).name, "images": len(files)}
     output = Path(args.output)
@@ -222,6 +232,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=2500, help="training steps (default 2500)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    t.add_argument("--noise-max", type=float, default=0.01, help="largest Gaussian noise σ (default 0.01)")
+    t.add_argument(
+        "--kernel-mix",
+        type=float,
+        nargs=3,
+        default=[0.7, 0.3, 0.0],
+        metavar=("MOTION", "GAUSSIAN", "DEFOCUS"),
+        help="shares of the blur kernels (default 0.7 0.3 0)",
+    )
+    t.add_argument(
+        "--poisson-fraction", type=float, default=0.0, help="share of patches with shot noise (default 0)"
+    )
+    t.add_argument(
+        "--photons",
+        type=float,
+        nargs=2,
+        default=[100.0, 10000.0],
+        metavar=("LOW", "HIGH"),
+        help="range of the peak photon count of the shot noise (log-uniform; default 100 10000)",
+    )
+    t.add_argument(
+        "--deconvolution",
+        choices=["wiener", "rl"],
+        default="wiener",
+        help="deconvolution of the features in training (default wiener; rl: as at restoration)",
+    )
+    t.add_argument("--rl-iterations", type=int, default=20, help="RL iterations with --deconvolution rl")
     t.set_defaults(func=_train)
     return parser
 

@@ -22,13 +22,32 @@ import torch
 from torch import nn
 
 from .features import FeatureExtractor
+from .rl import from_positive, richardson_lucy, to_positive
 
-__all__ = ["TrainConfig", "motion_kernel", "gaussian_kernel", "random_kernel", "train_feature_extractor"]
+FEATURE_OFFSET = 0.01  # RestoreConfig.feature_offset's default: the map RL sees at restoration time
+
+__all__ = [
+    "TrainConfig",
+    "motion_kernel",
+    "gaussian_kernel",
+    "defocus_kernel",
+    "random_kernel",
+    "train_feature_extractor",
+]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of :func:`train_feature_extractor` (defaults: ≈ 30 min on 1 CPU core)."""
+    """Settings of :func:`train_feature_extractor` (defaults: ≈ 30 min on 1 CPU core).
+
+    The defaults made the shipped weights. The degradations can be broadened: the share
+    of motion, Gaussian and defocus kernels (``kernel_mix``); Poisson noise on a share
+    of the patches (``poisson_fraction``) at a peak photon count drawn log-uniformly
+    from ``photons``, before the Gaussian noise; and the deconvolution of the features
+    in training, ``wiener`` (a learned noise-to-signal ratio per channel) or ``rl``
+    (``rl_iterations`` of Richardson–Lucy on the positively mapped features, as
+    :func:`cider.restore.deconvolved_features` does at restoration time).
+    """
 
     steps: int = 2500
     batch_size: int = 12
@@ -38,6 +57,17 @@ class TrainConfig:
     noise_max: float = 0.01
     seed: int = 0
     threads: int = 1
+    kernel_mix: tuple[float, float, float] = (0.7, 0.3, 0.0)
+    poisson_fraction: float = 0.0
+    photons: tuple[float, float] = (100.0, 10000.0)
+    deconvolution: str = "wiener"
+    rl_iterations: int = 20
+
+    def __post_init__(self):
+        if self.deconvolution not in ("wiener", "rl"):
+            raise ValueError(f"TrainConfig.deconvolution: {self.deconvolution!r}; use 'wiener' or 'rl'")
+        if len(self.kernel_mix) != 3 or min(self.kernel_mix) < 0 or abs(sum(self.kernel_mix) - 1) > 1e-6:
+            raise ValueError(f"TrainConfig.kernel_mix: {self.kernel_mix}; three shares ≥ 0 summing to 1")
 
 
 def motion_kernel(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -74,9 +104,29 @@ def gaussian_kernel(rng: np.random.Generator, size: int) -> np.ndarray:
     return kernel / kernel.sum()
 
 
-def random_kernel(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Motion kernel (70 %) or Gaussian kernel (30 %), ``size`` × ``size``, sum 1."""
-    return motion_kernel(rng, size) if rng.random() < 0.7 else gaussian_kernel(rng, size)
+def defocus_kernel(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Uniform disc (radius 1–6 px, edge anti-aliased by 4× supersampling), slightly
+    softened by a Gaussian of σ 0.5–1 px: an out-of-focus microscope or camera."""
+    radius = rng.uniform(1.0, min(6.0, size / 2 - 2))
+    fine = (np.arange(size * 4) + 0.5) / 4 - size / 2
+    yy, xx = np.meshgrid(fine, fine, indexing="ij")
+    disc = (yy**2 + xx**2 <= radius**2).reshape(size, 4, size, 4).mean(axis=(1, 3))
+    sigma = rng.uniform(0.5, 1.0)
+    r = np.arange(size) - size // 2
+    g = np.exp(-0.5 * (r / sigma) ** 2)
+    otf = np.fft.rfft2(np.fft.ifftshift(disc)) * np.fft.rfft2(np.fft.ifftshift(np.outer(g, g)))
+    kernel = np.clip(np.fft.fftshift(np.fft.irfft2(otf, s=disc.shape)), 0, None)
+    return kernel / kernel.sum()
+
+
+def random_kernel(
+    rng: np.random.Generator, size: int, mix: tuple[float, float, float] = (0.7, 0.3, 0.0)
+) -> np.ndarray:
+    """Motion, Gaussian or defocus kernel with the shares ``mix``, ``size`` × ``size``, sum 1."""
+    draw = rng.random()
+    if draw < mix[0]:
+        return motion_kernel(rng, size)
+    return gaussian_kernel(rng, size) if draw < mix[0] + mix[1] else defocus_kernel(rng, size)
 
 
 class _Decoder(nn.Module):
@@ -112,10 +162,34 @@ def _batch(images: Sequence[np.ndarray], cfg: TrainConfig, rng: np.random.Genera
         patch = image[r : r + n, c : c + n]
         patch = np.rot90(patch, rng.integers(4)) if rng.random() < 0.5 else patch[:, ::-1]
         sharp[b, 0] = patch
-        kernels[b] = random_kernel(rng, cfg.kernel_size)
+        kernels[b] = random_kernel(rng, cfg.kernel_size, cfg.kernel_mix)
     sigma = rng.uniform(0, cfg.noise_max, (cfg.batch_size, 1, 1, 1)).astype(np.float32)
     noise = rng.standard_normal(sharp.shape).astype(np.float32) * sigma
     return torch.from_numpy(sharp), torch.from_numpy(kernels), torch.from_numpy(noise)
+
+
+def _poisson(blurred: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Shot noise on a ``poisson_fraction`` share of the patches, at a peak photon count
+    drawn log-uniformly from ``photons`` (drawn from ``rng``: reproducible)."""
+    if cfg.poisson_fraction <= 0:
+        return blurred
+    noisy = blurred.clone()
+    for b in np.flatnonzero(rng.random(len(blurred)) < cfg.poisson_fraction):
+        peak = float(np.exp(rng.uniform(*np.log(cfg.photons))))
+        counts = rng.poisson(blurred[b].clamp_min(0).numpy() * peak)
+        noisy[b] = torch.from_numpy(counts.astype(np.float32) / peak)
+    return noisy
+
+
+def _rl_features(features: torch.Tensor, kernels: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Each patch's features through RL with its own kernel, on the circular grid of the
+    training pairs, as at restoration time: positive map, RL, map undone."""
+    out = []
+    for feature, kernel in zip(features, kernels):
+        positive, low, scale = to_positive(feature, FEATURE_OFFSET, 2)
+        deconvolved = richardson_lucy(positive, kernel, iterations, boundary="periodic")
+        out.append(from_positive(deconvolved, low, scale, FEATURE_OFFSET))
+    return torch.stack(out)
 
 
 def train_feature_extractor(
@@ -154,10 +228,13 @@ def train_feature_extractor(
     for step in range(1, cfg.steps + 1):
         sharp, kernels, noise = _batch(images, cfg, rng)
         otf = _otf(kernels, (n, n))
-        blurred = torch.fft.irfft2(torch.fft.rfft2(sharp) * otf, s=(n, n)) + noise
+        blurred = _poisson(torch.fft.irfft2(torch.fft.rfft2(sharp) * otf, s=(n, n)), cfg, rng) + noise
         features = extractor(blurred)
-        wiener = otf.conj() / (otf.abs() ** 2 + log_nsr.exp())
-        deconvolved = torch.fft.irfft2(torch.fft.rfft2(features) * wiener, s=(n, n))
+        if cfg.deconvolution == "rl":
+            deconvolved = _rl_features(features, kernels, cfg.rl_iterations)
+        else:
+            wiener = otf.conj() / (otf.abs() ** 2 + log_nsr.exp())
+            deconvolved = torch.fft.irfft2(torch.fft.rfft2(features) * wiener, s=(n, n))
         output = decoder(deconvolved)
         inner = (..., slice(margin, n - margin), slice(margin, n - margin))
         loss = (output[inner] - sharp[inner]).abs().mean()
