@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .features import FeatureExtractor
-from .rl import from_positive, richardson_lucy, to_positive
+from .rl import from_positive, to_positive
 
 FEATURE_OFFSET = 0.01  # RestoreConfig.feature_offset's default: the map RL sees at restoration time
 
@@ -181,15 +181,19 @@ def _poisson(blurred: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator) 
     return noisy
 
 
-def _rl_features(features: torch.Tensor, kernels: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Each patch's features through RL with its own kernel, on the circular grid of the
-    training pairs, as at restoration time: positive map, RL, map undone."""
-    out = []
-    for feature, kernel in zip(features, kernels):
-        positive, low, scale = to_positive(feature, FEATURE_OFFSET, 2)
-        deconvolved = richardson_lucy(positive, kernel, iterations, boundary="periodic")
-        out.append(from_positive(deconvolved, low, scale, FEATURE_OFFSET))
-    return torch.stack(out)
+def _rl_features(features: torch.Tensor, otf: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Features ``(B, C, Y, X)`` through RL, each patch with its own OTF ``(B, 1, Y, X//2+1)``,
+    on the circular grid of the training pairs: the positive map, RL and the map undone,
+    as at restoration time (:func:`cider.rl.richardson_lucy` with ``boundary="periodic"``,
+    batched over the patches)."""
+    shape = features.shape[-2:]
+    positive, low, scale = to_positive(features, FEATURE_OFFSET, 2)
+    estimate = positive.mean(dim=(-2, -1), keepdim=True).expand_as(positive)
+    for _ in range(iterations):
+        blurred = torch.fft.irfft2(torch.fft.rfft2(estimate) * otf, s=shape)
+        ratio = positive / blurred.clamp_min(1e-12)
+        estimate = (estimate * torch.fft.irfft2(torch.fft.rfft2(ratio) * otf.conj(), s=shape)).clamp_min(0)
+    return from_positive(estimate, low, scale, FEATURE_OFFSET)
 
 
 def train_feature_extractor(
@@ -231,7 +235,7 @@ def train_feature_extractor(
         blurred = _poisson(torch.fft.irfft2(torch.fft.rfft2(sharp) * otf, s=(n, n)), cfg, rng) + noise
         features = extractor(blurred)
         if cfg.deconvolution == "rl":
-            deconvolved = _rl_features(features, kernels, cfg.rl_iterations)
+            deconvolved = _rl_features(features, otf, cfg.rl_iterations)
         else:
             wiener = otf.conj() / (otf.abs() ** 2 + log_nsr.exp())
             deconvolved = torch.fft.irfft2(torch.fft.rfft2(features) * wiener, s=(n, n))
