@@ -14,7 +14,8 @@ Methods: ``blurred``; ``wiener`` (NSR 2e-3, 40-px symmetric padding); ``rl``
 (boundary-aware RL, iterations in ``--rl-iterations``, best mean stated);
 ``selfdeblur`` (same generator and loss, fixed noise input, no features/RL);
 ``image_rl`` (RL on the image as generator input, no feature extractor);
-``cider`` (ours, shipped feature weights).
+``features_image`` (the image as one more input channel next to the features; not in the
+default rows); ``cider`` (ours, shipped feature weights).
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "levin"
 RESULTS = ROOT / "bench" / "results"
 SUBSET6 = [(1, 1), (2, 3), (3, 5), (4, 7), (1, 4), (3, 8)]
-GENERATOR_INPUT = {"cider": "features", "image_rl": "image_rl", "selfdeblur": "noise"}
+GENERATOR_INPUT = {
+    "cider": "features",
+    "image_rl": "image_rl",
+    "features_image": "features_image",
+    "selfdeblur": "noise",
+}
 QUOTED = [
     ("paper: CiDeR (32 images)", "30.63 / 0.8956"),
     ("paper: SelfDeblur non-blind (32 images)", "29.56 / 0.8614"),
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         nargs="+",
         default=[1000],
-        help="iterations of the selfdeblur and image_rl ablations",
+        help="iterations of the selfdeblur, image_rl and features_image rows",
     )
     parser.add_argument("--rl-iterations", type=int, nargs="+", default=[10, 20, 50, 100, 200, 400])
     parser.add_argument(

@@ -58,7 +58,7 @@ __all__ = [
     "intensity_scale",
 ]
 
-GENERATOR_INPUTS = ("features", "image_rl", "noise")
+GENERATOR_INPUTS = ("features", "image_rl", "features_image", "noise")
 STOP_RULES = ("discrepancy", "none")
 PRECISIONS = ("float32", "bfloat16")
 SSIM_WINDOWS = ("voxel", "physical")
@@ -161,9 +161,11 @@ class RestoreConfig:
         Richardson–Lucy iterations on the features.
     feature_offset : float
         Pedestal of the positivity map before RL (:func:`cider.rl.to_positive`).
-    generator_input : {"features", "image_rl", "noise"}
+    generator_input : {"features", "image_rl", "features_image", "noise"}
         ``features``: CiDeR. ``image_rl``: RL on the image only (ablation without the
-        feature extractor). ``noise``: fixed uniform noise (SelfDeblur-style ablation).
+        feature extractor). ``features_image``: the image as one more channel next to the
+        features, all deconvolved by RL. ``noise``: fixed uniform noise (SelfDeblur-style
+        ablation).
     background : BackgroundConfig
         Wavelet background removal (off by default; on for fluorescence data).
     normalize : bool
@@ -453,10 +455,16 @@ def intensity_scale(image: np.ndarray) -> float:
 
 
 def raw_features(observation: torch.Tensor, config: RestoreConfig) -> torch.Tensor:
-    """What RL deconvolves: the deep features (or, for ``image_rl``, the image), ``(C, *shape)``."""
+    """What RL deconvolves, ``(C, *shape)``: the deep features, the image (``image_rl``) or
+    the image followed by the features (``features_image``)."""
     if config.generator_input == "image_rl":
         return observation[None]
-    return extract_features(observation, _feature_extractor(config.feature_weights, str(observation.device)))
+    features = extract_features(
+        observation, _feature_extractor(config.feature_weights, str(observation.device))
+    )
+    if config.generator_input == "features_image":
+        return torch.cat([observation[None], features])
+    return features
 
 
 @lru_cache(maxsize=4)
