@@ -70,11 +70,24 @@ def test_intensity_units_are_kept():
     np.testing.assert_allclose(b, 400 * a, rtol=1e-3, atol=1e-3 * float(np.abs(b).max()))
 
 
-@pytest.mark.parametrize("generator_input", ["image_rl", "noise"])
+@pytest.mark.parametrize("generator_input", ["image_rl", "features_image", "noise"])
 def test_ablation_inputs_run_and_improve(generator_input):
     y, psf, truth = _blurred_scene((48, 48), 1.5)
     result = restore(y, psf, FAST.with_(generator_input=generator_input))
     assert psnr(result.restored, truth) > psnr(y, truth) + 1.0
+
+
+def test_features_image_input_is_the_image_then_the_features():
+    import torch
+
+    from cider.restore import raw_features
+
+    y, _, _ = _blurred_scene((32, 32), 1.2)
+    observation = torch.as_tensor(y / y.max(), dtype=torch.float32)
+    both = raw_features(observation, FAST.with_(generator_input="features_image"))
+    assert both.shape == (17, 32, 32)
+    assert torch.equal(both[0], observation)
+    assert torch.equal(both[1:], raw_features(observation, FAST))
 
 
 def test_early_stopping_stops_early():
