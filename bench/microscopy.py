@@ -271,7 +271,10 @@ def parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, value = item.split("=", 1)
-        out[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:  # features_rl10.pt, noise, stabilised: plain strings
+            out[key] = value
     return out
 
 

@@ -71,3 +71,22 @@ def test_schedules_table_names_the_fewest_iterations_within_a_tenth_of_a_db():
     assert "**26.40 / 0.500 / 1.00**" in lines[-1]  # mean of 25.80 and 27.0
     shipped = load_config(schedules.PLANKTON_CONFIG)["restore"]  # as the pipeline reads it
     assert schedules.settings("plankton2d").iterations == shipped["iterations"]
+
+
+def test_set_overrides_read_json_values_and_keep_plain_strings():
+    parsed = microscopy.parse_overrides(
+        [
+            "data_weight=100",
+            "voxel_size=[3,1,1]",
+            "keep_best=false",
+            "generator_input=noise",
+            "feature_weights=features_rl10.pt",
+        ]
+    )
+    assert parsed == {
+        "data_weight": 100,
+        "voxel_size": [3, 1, 1],
+        "keep_best": False,
+        "generator_input": "noise",
+        "feature_weights": "features_rl10.pt",
+    }

@@ -96,3 +96,21 @@ def test_training_is_reproducible_with_every_degradation_on():
         assert torch.equal(value, second.state_dict()[key]), key
     assert record["config"]["deconvolution"] == "rl"
     assert record["config"]["poisson_fraction"] == 0.5
+
+
+def test_shipped_weights_load_by_name_and_an_unknown_name_lists_them(tmp_path, monkeypatch):
+    from cider.features import load_feature_extractor
+
+    monkeypatch.chdir(tmp_path)  # no local file of that name: the package's is used
+    by_name = load_feature_extractor("features_rl10.pt")
+    default = load_feature_extractor()
+    assert any(
+        not torch.equal(value, default.state_dict()[key]) for key, value in by_name.state_dict().items()
+    )
+    torch.save(default.state_dict(), tmp_path / "features_rl10.pt")  # a local file comes first
+    local = load_feature_extractor("features_rl10.pt")
+    assert all(torch.equal(value, default.state_dict()[key]) for key, value in local.state_dict().items())
+    with pytest.raises(
+        FileNotFoundError, match=r"features_rl11.pt.*shipped: \['features.pt', 'features_rl10.pt'\]"
+    ):
+        load_feature_extractor("features_rl11.pt")

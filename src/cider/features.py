@@ -56,7 +56,9 @@ def load_feature_extractor(
     Parameters
     ----------
     path : str or Path, optional
-        A ``state_dict`` saved with ``torch.save``; default: ``cider/weights/features.pt``.
+        A ``state_dict`` saved with ``torch.save``, or the name of a weights file shipped
+        in the package (``cider/weights/``, e.g. ``features_rl10.pt``) when no such file
+        exists; default: ``cider/weights/features.pt``.
     device : torch.device or str
         Where to put the model.
 
@@ -65,11 +67,17 @@ def load_feature_extractor(
     FeatureExtractor
         In eval mode, with gradients disabled.
     """
-    if path is None:
-        source = resources.files("cider") / "weights" / DEFAULT_WEIGHTS
-        with resources.as_file(source) as file:
+    shipped = resources.files("cider") / "weights"
+    if path is None or (not Path(path).is_file() and Path(path).name == str(path)):
+        filename = DEFAULT_WEIGHTS if path is None else str(path)
+        if not (shipped / filename).is_file():
+            names = sorted(f.name for f in shipped.iterdir() if f.name.endswith(".pt"))
+            raise FileNotFoundError(
+                f"feature weights: no file {filename!r} here nor in the package (shipped: {names})"
+            )
+        with resources.as_file(shipped / filename) as file:
             state = torch.load(file, map_location="cpu", weights_only=True)
-        name = f"package weights {DEFAULT_WEIGHTS}"
+        name = f"package weights {filename}"
     else:
         path = Path(path)
         if not path.is_file():
