@@ -128,6 +128,15 @@ def test_schema_rejects_wrong_type_naming_the_key():
         validate_config(config)
 
 
+def test_generator_input_reaches_the_fit_and_is_checked():
+    from cider.workflow.steps import _restore_config
+
+    config = validate_config(_minimal() | {"restore": {"generator_input": "image_rl"}})
+    assert _restore_config(config).generator_input == "image_rl"
+    with pytest.raises(CiderError, match=r"key 'restore.generator_input': 'images' is not one of"):
+        validate_config(_minimal() | {"restore": {"generator_input": "images"}})
+
+
 def test_too_small_margin_is_an_error(tmp_path):
     config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
     config["tiling"]["margin"] = 4
@@ -389,6 +398,12 @@ def test_end_to_end_2d(tmp_path):
     gain = _psnr_gain(restored, before, tmp_path)
     assert gain > 1.0, f"PSNR gain over the input only {gain:.2f} dB"
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "input.tif"), restored)
+    # every setting that made the result travels with it, defaults filled in
+    made = group.attrs["cider"]
+    assert made["settings"]["restore"]["iterations"] == 60 and made["input"] == "input"
+    assert made["settings"]["restore"]["generator_input"] == "features"
+    with tifffile.TiffFile(tmp_path / "out" / "input.tif") as tif:
+        assert json.loads(tif.pages[0].description)["cider"] == made
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
     assert summary["tiles"] == 6 and summary["units"][0]["seam_ratio"] < 1.5
     # Against a whole-image restore of the same data and settings: as good on the truth,

@@ -395,13 +395,21 @@ def create_ome_zarr(path: str | Path, shape: Sequence[int], dtype, axes: str, ch
     return root.create_array("0", shape=tuple(shape), chunks=chunks, dtype=dtype, dimension_names=names)
 
 
-def finish_ome_zarr(path: str | Path, axes: str, voxel_size: Sequence[float], levels: int = 3) -> None:
+def finish_ome_zarr(
+    path: str | Path,
+    axes: str,
+    voxel_size: Sequence[float],
+    levels: int = 3,
+    provenance: dict | None = None,
+) -> None:
     """Build the pyramid chunk by chunk, write the NGFF metadata and move the image into place.
 
     Each level halves Y and X (and Z while it stays at least as finely sampled as X) by
     block averaging, computed with dask from the level before it, so memory is bounded by
     the chunks. Every level gets its ``scale`` and the ``translation`` of its first voxel's
     centre ((factor − 1) / 2 voxels of level 0), so viewers overlay the levels exactly.
+    ``provenance`` (JSON-serialisable: how the image was made) goes into the group's
+    ``cider`` attribute beside the NGFF metadata.
     """
     import dask.array as da
     import zarr
@@ -443,6 +451,8 @@ def finish_ome_zarr(path: str | Path, axes: str, voxel_size: Sequence[float], le
         for a in axes
     ]
     write_multiscales_metadata(root, datasets, axes=axes_meta)
+    if provenance is not None:
+        root.attrs["cider"] = provenance
     publish_folder(path)
 
 
@@ -465,9 +475,10 @@ def block_mean(array, step: Sequence[int]):
     return mean.astype(array.dtype)
 
 
-def write_tiff_pages(path: str | Path, array) -> None:
+def write_tiff_pages(path: str | Path, array, description: str | None = None) -> None:
     """Write an array-like (e.g. a Zarr array larger than memory) as a multi-page TIFF,
-    one 2D page at a time, atomically (BigTIFF when it needs more than 4 GB)."""
+    one 2D page at a time, atomically (BigTIFF when it needs more than 4 GB).
+    ``description``: text for the first page's ImageDescription tag (e.g. provenance JSON)."""
     import tifffile
 
     path = Path(path)
@@ -476,5 +487,12 @@ def write_tiff_pages(path: str | Path, array) -> None:
     outer = array.shape[:-2]
     pages = (np.asarray(array[index]) for index in np.ndindex(*outer))
     big = array.size * np.dtype(array.dtype).itemsize > 2**32 - 2**25
-    tifffile.imwrite(staging, data=pages, shape=array.shape, dtype=array.dtype, bigtiff=big)
+    tifffile.imwrite(
+        staging,
+        data=pages,
+        shape=array.shape,
+        dtype=array.dtype,
+        bigtiff=big,
+        description=description,
+    )
     os.replace(staging, path)

@@ -484,8 +484,27 @@ def stitch_name(config: dict, name: str, read_tile: TileReader | None = None) ->
                 raise CiderError(f"{name} (unit {unit.id}): block {window} holds NaN/inf values; not written")
             level0[(*unit.index, *(slice(a, b) for a, b in window))] = data
     voxel = config["input"]["voxel_size"]
-    io.finish_ome_zarr(p.image(name), result_axes, voxel, levels=config["stitch"]["pyramid_levels"])
+    made = provenance(config, name)
+    io.finish_ome_zarr(p.image(name), result_axes, voxel, config["stitch"]["pyramid_levels"], made)
     if not config["stitch"]["tiff"]:
         return [p.image(name)]
-    io.write_tiff_pages(p.tiff(name), io.open_array(p.image(name)))
+    io.write_tiff_pages(p.tiff(name), io.open_array(p.image(name)), json.dumps({"cider": made}))
     return [p.image(name), p.tiff(name)]
+
+
+PROVENANCE_SECTIONS = ("input", "psf", "background", "tiling", "restore", "fit", "stitch")
+
+
+def provenance(config: dict, name: str) -> dict:
+    """How an output was made, stored with it (OME-Zarr attribute ``cider``, TIFF
+    ImageDescription): the software version, the input name and every config section
+    that can change the result, with the defaults the schema filled in."""
+    from .. import __version__
+
+    settings = {section: config.get(section) for section in PROVENANCE_SECTIONS}
+    return json.loads(
+        json.dumps(
+            {"software": "cider-pipeline", "version": __version__, "input": name, "settings": settings},
+            default=str,
+        )
+    )
