@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from .features import FeatureExtractor
+from .restore import RestoreConfig
 from .rl import from_positive, to_positive
 
-FEATURE_OFFSET = 0.01  # RestoreConfig.feature_offset's default: the map RL sees at restoration time
+FEATURE_OFFSET = RestoreConfig.feature_offset  # the default positivity map RL sees at restoration time
 
 __all__ = [
     "TrainConfig",
