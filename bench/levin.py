@@ -32,8 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from levin_protocol import Case, load_case, score, wiener  # noqa: E402
+from overrides import parse_overrides  # noqa: E402
 
 from cider import RestoreConfig, restore  # noqa: E402
+from cider.restore import feature_weights_digest  # noqa: E402
 from cider.rl import richardson_lucy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +67,15 @@ def settings(config: RestoreConfig) -> dict:
     """Every setting that can change a result; stored with it, so a stale result is not reused.
 
     All ``RestoreConfig`` fields, as plain JSON values, except ``progress`` (display only)
-    and ``device`` (stored with the result on its own; a result is reused on any device).
+    and ``device`` (stored with the result on its own; a result is reused on any device),
+    and the SHA-256 of the feature-extractor weights: ``feature_weights`` holds a name
+    (``None`` for the package's default file), and a file of the same name with new
+    content must not reuse the old file's results.
     """
     values = asdict(config)
     for key in ("device", "progress"):
         values.pop(key)
+    values["feature_weights_sha256"] = feature_weights_digest(config)
     return json.loads(json.dumps(values))
 
 
@@ -86,6 +92,10 @@ LEGACY = {
     "hessian_noise_weight": 0.0,
     "ssim_noise_factor": 0.0,
     "keep_best_by": "loss",
+    # Results stored before the digest was: those with features carry it since the
+    # migration of 2026-11-27 (their weights files were unchanged since the results were
+    # made); any without it is recomputed.
+    "feature_weights_sha256": None,
 }
 
 
@@ -183,24 +193,6 @@ def table(results: dict[str, list[dict]], cases) -> str:
     return head + "\n".join(lines) + "\n" + quoted + "\n"
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["hessian_weight=0.02"]`` → ``{"hessian_weight": 0.02}``, typed like the default."""
-    defaults = RestoreConfig()
-    overrides = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if not hasattr(defaults, key) or key in ("iterations", "generator_input", "background"):
-            raise SystemExit(f"--set {pair}: {key!r} is not a RestoreConfig field that can be set here")
-        default = getattr(defaults, key)
-        if isinstance(default, bool):
-            overrides[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, tuple):
-            overrides[key] = tuple(float(v) for v in value.split(","))
-        else:
-            overrides[key] = value if default is None else type(default)(value)
-    return overrides
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -240,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"--cases: {sorted(unknown)} not in the {args.subset!r} subset")
         cases = [case for case in cases if case.name in args.cases]
-    overrides = parse_overrides(args.set)
+    overrides = parse_overrides(args.set, refused=("iterations", "generator_input", "device", "progress"))
     results: dict[str, list[dict]] = {}
     for method in args.methods:
         if method in ("blurred", "wiener"):

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from microscopy_data import CASES, Case, box_sums, load_case  # noqa: E402
+from overrides import parse_overrides  # noqa: E402
 
 from cider import RestoreConfig, losses  # noqa: E402
 from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units  # noqa: E402
@@ -264,20 +265,6 @@ def _brief(row: dict) -> str:
     return " ".join(f"{k}={row[k]}" for k in keys if k in row)
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``--set`` items ``KEY=VALUE`` → a dict; numbers, lists, objects and booleans are read
-    as JSON (``data_weight=100``, ``voxel_size=[3,1,1]``), anything else stays a string.
-    Shared by the benches that take ``--set``."""
-    out = {}
-    for item in items:
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:  # features_rl10.pt, noise, stabilised: plain strings
-            out[key] = value
-    return out
-
-
 def table(results: dict, device: str) -> str:
     """Markdown: one block per case, one row per method."""
     lines = [
@@ -344,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     PROGRESS = args.progress
     if args.least_offset is not None:
         losses.LEAST_OFFSET = args.least_offset
-    overrides = parse_overrides(args.set)
+    overrides = parse_overrides(args.set, refused=("iterations", "device", "progress"))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     path = args.out / f"microscopy{args.tag}.json"
     results = json.loads(path.read_text()).get("cases", {}) if path.exists() else {}

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from microscopy import parse_overrides  # noqa: E402
 from microscopy_data import load_case, synthetic_case  # noqa: E402
+from overrides import parse_overrides  # noqa: E402
 from warm_start import fit  # noqa: E402
 
 from cider import FLUORESCENCE  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     seeds = SEEDS if args.seeds is None else (None, *args.seeds)
     schedules = tuple(args.schedules)
-    overrides = parse_overrides(args.set)
+    overrides = parse_overrides(args.set, refused=("iterations", "device", "progress"))
     with_config = not args.without_config
     tasks = [
         (case, seed, schedules, overrides, args.cache, with_config) for case in args.cases for seed in seeds

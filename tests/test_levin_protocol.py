@@ -87,3 +87,15 @@ def test_stored_results_are_reused_only_with_the_same_settings():
     before = {key: value for key, value in stored.items() if key != "output"}
     assert not levin.same_settings(before, baseline, baseline)
     assert levin.same_settings(before, baseline.with_(output="sigmoid"), baseline)
+    # The weights are compared by content: new weights under the old name (the default's
+    # None, or a file name) do not reuse the old weights' results.
+    replaced = {**stored, "feature_weights_sha256": "0" * 64}
+    assert not levin.same_settings(replaced, baseline, baseline)
+    undigested = {key: value for key, value in stored.items() if key != "feature_weights_sha256"}
+    assert not levin.same_settings(undigested, baseline, baseline)
+    image_rl = levin.restore_config("image_rl", 500, "cpu", {})  # no extractor: no digest
+    assert levin.same_settings(
+        {key: value for key, value in levin.settings(image_rl).items() if key != "feature_weights_sha256"},
+        image_rl,
+        image_rl,
+    )

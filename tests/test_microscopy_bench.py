@@ -73,20 +73,41 @@ def test_schedules_table_names_the_fewest_iterations_within_a_tenth_of_a_db():
     assert schedules.settings("plankton2d").iterations == shipped["iterations"]
 
 
-def test_set_overrides_read_json_values_and_keep_plain_strings():
-    parsed = microscopy.parse_overrides(
+def test_set_overrides_are_typed_like_the_config_and_name_a_bad_item():
+    """One ``--set`` parser for every bench: values typed by the RestoreConfig default,
+    plain strings kept, unknown or refused keys and unreadable values stop with the item."""
+    from overrides import parse_overrides
+
+    parsed = parse_overrides(
         [
             "data_weight=100",
-            "voxel_size=[3,1,1]",
             "keep_best=false",
             "generator_input=noise",
             "feature_weights=features_rl10.pt",
+            "lr_milestones=0.5,0.9",
+            "seed=3",
         ]
     )
     assert parsed == {
-        "data_weight": 100,
-        "voxel_size": [3, 1, 1],
+        "data_weight": 100.0,
         "keep_best": False,
         "generator_input": "noise",
         "feature_weights": "features_rl10.pt",
+        "lr_milestones": (0.5, 0.9),
+        "seed": 3,
     }
+    assert isinstance(parsed["data_weight"], float) and isinstance(parsed["seed"], int)
+    assert parse_overrides(["feature_weights=none", "lr_milestones=[0.6]"]) == {
+        "feature_weights": None,
+        "lr_milestones": (0.6,),
+    }
+    with pytest.raises(SystemExit, match="--set hesian_weight=1: give KEY=VALUE with KEY one of"):
+        parse_overrides(["hesian_weight=1"])
+    with pytest.raises(SystemExit, match="--set iterations=5: give KEY=VALUE"):
+        parse_overrides(["iterations=5"], refused=("iterations",))
+    with pytest.raises(SystemExit, match="--set keep_best=maybe: 'maybe' is not true/false"):
+        parse_overrides(["keep_best=maybe"])
+    with pytest.raises(SystemExit, match="--set seed=1.5"):
+        parse_overrides(["seed=1.5"])
+    with pytest.raises(SystemExit, match="--set data_weight: give KEY=VALUE"):
+        parse_overrides(["data_weight"])

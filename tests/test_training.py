@@ -1,5 +1,7 @@
 """Feature-extractor training: kernels, broadened degradations, reproducibility."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,20 @@ def test_shipped_weights_load_by_name_and_an_unknown_name_lists_them(tmp_path, m
         FileNotFoundError, match=r"features_rl11.pt.*shipped: \['features.pt', 'features_rl10.pt'\]"
     ):
         load_feature_extractor("features_rl11.pt")
+
+
+def test_weights_digest_tells_files_apart_by_content(tmp_path, monkeypatch):
+    from cider import RestoreConfig
+    from cider.features import weights_digest
+    from cider.restore import feature_weights_digest
+
+    monkeypatch.chdir(tmp_path)
+    default, retrained = weights_digest(), weights_digest("features_rl10.pt")
+    assert len(default) == 64 and default != retrained
+    (tmp_path / "copy.pt").write_bytes(bytes.fromhex("00"))  # another content under any name
+    assert weights_digest("copy.pt") == hashlib.sha256(b"\x00").hexdigest()
+    assert feature_weights_digest(RestoreConfig()) == default
+    assert feature_weights_digest(RestoreConfig(generator_input="features_image")) == default
+    assert feature_weights_digest(RestoreConfig(feature_weights="features_rl10.pt")) == retrained
+    assert feature_weights_digest(RestoreConfig(generator_input="image_rl")) is None
+    assert feature_weights_digest(RestoreConfig(generator_input="noise")) is None

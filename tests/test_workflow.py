@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -402,6 +403,8 @@ def test_end_to_end_2d(tmp_path):
     made = group.attrs["cider"]
     assert made["settings"]["restore"]["iterations"] == 60 and made["input"] == "input"
     assert made["settings"]["restore"]["generator_input"] == "features"
+    shipped = Path(cider.__file__).parent / "weights" / "features.pt"  # the default extractor, by content
+    assert made["feature_weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
     with tifffile.TiffFile(tmp_path / "out" / "input.tif") as tif:
         assert json.loads(tif.pages[0].description)["cider"] == made
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())

@@ -8,13 +8,22 @@ processed plane by plane (the extractor is 2D; the following RL step is 3D).
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["FeatureExtractor", "load_feature_extractor", "extract_features", "DEFAULT_WEIGHTS"]
+__all__ = [
+    "FeatureExtractor",
+    "load_feature_extractor",
+    "extract_features",
+    "weights_source",
+    "weights_digest",
+    "DEFAULT_WEIGHTS",
+]
 
 DEFAULT_WEIGHTS = "features.pt"
 
@@ -48,6 +57,40 @@ class FeatureExtractor(nn.Module):
         return self.blocks(self.head(x))
 
 
+def weights_source(path: str | Path | None = None) -> tuple[Traversable | Path, str]:
+    """The weights file that ``path`` names, and how to name it in messages.
+
+    ``None`` is the package's ``features.pt``; a bare name that is not a local file
+    (``features_rl10.pt``) is looked up among the package's weights; anything else is a
+    path.
+
+    Raises
+    ------
+    FileNotFoundError
+        If no such file exists (the message lists the weights shipped in the package).
+    """
+    shipped = resources.files("cider") / "weights"
+    if path is None or (not Path(path).is_file() and Path(path).name == str(path)):
+        filename = DEFAULT_WEIGHTS if path is None else str(path)
+        if not (shipped / filename).is_file():
+            names = sorted(f.name for f in shipped.iterdir() if f.name.endswith(".pt"))
+            raise FileNotFoundError(
+                f"feature weights: no file {filename!r} here nor in the package (shipped: {names})"
+            )
+        return shipped / filename, f"package weights {filename}"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feature weights: no file at {path}; give a state_dict .pt file")
+    return path, str(path)
+
+
+def weights_digest(path: str | Path | None = None) -> str:
+    """SHA-256 (hex) of the weights file that ``path`` names (see :func:`weights_source`):
+    what tells two results apart when a file of the same name changed."""
+    source, _ = weights_source(path)
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
 def load_feature_extractor(
     path: str | Path | None = None, device: torch.device | str = "cpu"
 ) -> FeatureExtractor:
@@ -67,23 +110,9 @@ def load_feature_extractor(
     FeatureExtractor
         In eval mode, with gradients disabled.
     """
-    shipped = resources.files("cider") / "weights"
-    if path is None or (not Path(path).is_file() and Path(path).name == str(path)):
-        filename = DEFAULT_WEIGHTS if path is None else str(path)
-        if not (shipped / filename).is_file():
-            names = sorted(f.name for f in shipped.iterdir() if f.name.endswith(".pt"))
-            raise FileNotFoundError(
-                f"feature weights: no file {filename!r} here nor in the package (shipped: {names})"
-            )
-        with resources.as_file(shipped / filename) as file:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        name = f"package weights {filename}"
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"feature weights: no file at {path}; give a state_dict .pt file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        name = str(path)
+    source, name = weights_source(path)
+    with resources.as_file(source) as file:
+        state = torch.load(file, map_location="cpu", weights_only=True)
     model = FeatureExtractor()
     try:
         model.load_state_dict(state)

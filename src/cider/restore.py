@@ -33,7 +33,7 @@ import torch
 
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError, ImageError
-from .features import extract_features, load_feature_extractor
+from .features import extract_features, load_feature_extractor, weights_digest
 from .fitting import Fit, fit_generator, fit_generators, noise_aware_weights
 from .generator import OUTPUTS
 from .noise import NoiseModel, estimate_noise
@@ -52,6 +52,7 @@ __all__ = [
     "fit_generator",
     "fit_generators",
     "noise_aware_weights",
+    "feature_weights_digest",
     "resolve_device",
     "validate_image",
     "to_data_units",
@@ -465,6 +466,16 @@ def raw_features(observation: torch.Tensor, config: RestoreConfig) -> torch.Tens
     if config.generator_input == "features_image":
         return torch.cat([observation[None], features])
     return features
+
+
+def feature_weights_digest(config: RestoreConfig) -> str | None:
+    """SHA-256 of the feature-extractor weights that ``config`` restores with, or ``None``
+    when its generator input has no features (``image_rl``, ``noise``). ``feature_weights:
+    None`` names the package's default file, whose content can change between versions:
+    the digest is what tells results apart."""
+    if config.generator_input not in ("features", "features_image"):
+        return None
+    return weights_digest(config.feature_weights)
 
 
 @lru_cache(maxsize=4)

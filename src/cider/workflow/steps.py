@@ -498,13 +498,17 @@ PROVENANCE_SECTIONS = ("input", "psf", "background", "tiling", "restore", "fit",
 def provenance(config: dict, name: str) -> dict:
     """How an output was made, stored with it (OME-Zarr attribute ``cider``, TIFF
     ImageDescription): the software version, the input name and every config section
-    that can change the result, with the defaults the schema filled in."""
+    that can change the result, with the defaults the schema filled in, and the SHA-256
+    of the feature-extractor weights (``None`` for a generator input without features)."""
     from .. import __version__
+    from ..restore import feature_weights_digest
 
     settings = {section: config.get(section) for section in PROVENANCE_SECTIONS}
-    return json.loads(
-        json.dumps(
-            {"software": "cider-pipeline", "version": __version__, "input": name, "settings": settings},
-            default=str,
-        )
-    )
+    made = {
+        "software": "cider-pipeline",
+        "version": __version__,
+        "input": name,
+        "settings": settings,
+        "feature_weights_sha256": feature_weights_digest(_restore_config(config)),
+    }
+    return json.loads(json.dumps(made, default=str))
