@@ -111,3 +111,23 @@ def test_set_overrides_are_typed_like_the_config_and_name_a_bad_item():
         parse_overrides(["seed=1.5"])
     with pytest.raises(SystemExit, match="--set data_weight: give KEY=VALUE"):
         parse_overrides(["data_weight"])
+
+
+def test_seed_summary_states_spread_and_ensemble_gain():
+    import seeds
+
+    rows = [
+        {
+            "seed": s,
+            "psnr": p,
+            "ssim": 0.5,
+            "flat_std": 1.0,
+            "ensemble": {"psnr": e, "ssim": 0.6, "flat_std": 1.0},
+        }
+        for s, p, e in ((0, 26.0, 26.0), (1, 26.4, 26.5), (2, 26.2, 26.6))
+    ]
+    s = seeds.summary({"case": "c", "iterations": 10, "rows": rows})
+    assert s["psnr_mean"] == pytest.approx(26.2) and s["psnr_std"] == pytest.approx(0.2)
+    assert s["ensemble_psnr"] == 26.6 and s["ensemble_gain_db"] == pytest.approx(0.4)
+    line = seeds.table([{"case": "c", "iterations": 10, "rows": rows}], "cpu").splitlines()[8]
+    assert line == "| c | 10 | 3 | 26.20 ± 0.20 (26.00–26.40) | 0.500 | 26.60 / 0.600 | +0.40 |"
