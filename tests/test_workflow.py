@@ -20,6 +20,7 @@ from cider import gaussian_psf
 from cider.errors import CiderError
 from cider.rl import BlurOperator
 from cider.workflow import ALLOW_CPU_ENV, FAIL_ENV, make_batches, make_plan, require_gpu, validate_config
+from cider.workflow.steps import fitted_weights_digest
 
 from .conftest import ROOT, blobs
 
@@ -405,6 +406,10 @@ def test_end_to_end_2d(tmp_path):
     assert made["settings"]["restore"]["generator_input"] == "features"
     shipped = Path(cider.__file__).parent / "weights" / "features.pt"  # the default extractor, by content
     assert made["feature_weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+    metrics = (tmp_path / "out" / "work" / "metrics").glob("*.json")  # as the fit jobs recorded it
+    assert {json.loads(m.read_text())["feature_weights_sha256"] for m in metrics} == {
+        made["feature_weights_sha256"]
+    }
     with tifffile.TiffFile(tmp_path / "out" / "input.tif") as tif:
         assert json.loads(tif.pages[0].description)["cider"] == made
     summary = json.loads((tmp_path / "out" / "report" / "summary.json").read_text())
@@ -439,6 +444,37 @@ def test_end_to_end_2d(tmp_path):
 
 
 @pytest.mark.slow
+def test_outputs_name_the_weights_the_fits_used_and_refuse_a_mix(tmp_path):
+    """The stitch records the digest from the fit jobs' metrics (a fit node may run another
+    install than the stitch node), refuses tiles fitted with different weights, and falls
+    back to its own weights' digest for metrics that predate the field."""
+    config = validate_config(yaml.safe_load(_dataset(tmp_path, (70, 90), 1.5, 40, batch_size=2).read_text()))
+    batches = [b.id for b in make_plan(config).batches]
+    assert len(batches) >= 2
+    folder = tmp_path / "out" / "work" / "metrics"
+    folder.mkdir(parents=True)
+
+    def record(**fields):
+        for batch in batches:
+            (folder / f"{batch}.json").write_text(json.dumps({"batch": batch, **fields}))
+
+    shipped = hashlib.sha256(
+        (Path(cider.__file__).parent / "weights" / "features.pt").read_bytes()
+    ).hexdigest()
+    record()  # metrics of an older version: the stitch node's own weights
+    assert fitted_weights_digest(config, "input") == shipped
+    record(feature_weights_sha256="a" * 64)
+    assert fitted_weights_digest(config, "input") == "a" * 64
+    record(feature_weights_sha256=None)  # image_rl / noise: no extractor
+    assert fitted_weights_digest(config, "input") is None
+    (folder / f"{batches[-1]}.json").write_text(json.dumps({"feature_weights_sha256": "b" * 64}))
+    with pytest.raises(
+        CiderError,
+        match=rf"input: its tiles were fitted with different feature weights.*batch {batches[-1]}: bbbbbbbbbbbb.*rerun the fit jobs",
+    ):
+        fitted_weights_digest(config, "input")
+
+
 def test_end_to_end_3d(tmp_path):
     # 150 iterations: at 100 the gain depends on the generator's initial weights
     # (0.3 dB with seed 0, 1.3-2.2 dB with seeds 1-3); at 150 seed 0 gives 0.7 dB.

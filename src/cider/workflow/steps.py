@@ -341,7 +341,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
     import torch
 
     from ..fitting import fit_generators
-    from ..restore import resolve_device, to_data_units
+    from ..restore import feature_weights_digest, resolve_device, to_data_units
 
     plan, p = make_plan(config), paths(config)
     batch = plan.batch(batch_id)
@@ -388,6 +388,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
         "passes": len(batch.passes),
         "seconds": seconds,
         "device": str(device),
+        "feature_weights_sha256": feature_weights_digest(_restore_config(config)),
     }
     if torch.cuda.is_available() and device.type == "cuda":
         batch_record["device_name"] = torch.cuda.get_device_name(device)
@@ -458,10 +459,12 @@ def stitch_name(config: dict, name: str, read_tile: TileReader | None = None) ->
     Raises
     ------
     CiderError
-        If a block holds NaN or infinite values (naming the unit and the block).
+        If a block holds NaN or infinite values (naming the unit and the block), or the
+        tiles were fitted with different feature weights (:func:`fitted_weights_digest`).
     """
     plan, p = make_plan(config), paths(config)
     units = plan.units_of(name)
+    weights = fitted_weights_digest(config, name)  # a mix of weights stops before any block is written
     read_tile = read_tile or TileReader(config)
     axes = config["input"]["axes"].upper()
     outer_axes = "".join(a for a in axes if a in "TC")
@@ -484,7 +487,7 @@ def stitch_name(config: dict, name: str, read_tile: TileReader | None = None) ->
                 raise CiderError(f"{name} (unit {unit.id}): block {window} holds NaN/inf values; not written")
             level0[(*unit.index, *(slice(a, b) for a, b in window))] = data
     voxel = config["input"]["voxel_size"]
-    made = provenance(config, name)
+    made = provenance(config, name, weights)
     io.finish_ome_zarr(p.image(name), result_axes, voxel, config["stitch"]["pyramid_levels"], made)
     if not config["stitch"]["tiff"]:
         return [p.image(name)]
@@ -495,13 +498,44 @@ def stitch_name(config: dict, name: str, read_tile: TileReader | None = None) ->
 PROVENANCE_SECTIONS = ("input", "psf", "background", "tiling", "restore", "fit", "stitch")
 
 
-def provenance(config: dict, name: str) -> dict:
-    """How an output was made, stored with it (OME-Zarr attribute ``cider``, TIFF
-    ImageDescription): the software version, the input name and every config section
-    that can change the result, with the defaults the schema filled in, and the SHA-256
-    of the feature-extractor weights (``None`` for a generator input without features)."""
-    from .. import __version__
+def fitted_weights_digest(config: dict, name: str) -> str | None:
+    """SHA-256 of the feature-extractor weights that the fit jobs of ``name``'s tiles
+    used, as their metrics record it (a fit node may have another install than the
+    stitch node); the stitch node's own when no metrics record it (older runs).
+
+    Raises
+    ------
+    CiderError
+        If the tiles were fitted with different weights (naming two batches).
+    """
     from ..restore import feature_weights_digest
+
+    plan, p = make_plan(config), paths(config)
+    batches = {plan.batch_of(t.id) for unit in plan.units_of(name) for t in plan.tiles_of(unit.id)}
+    used: dict[str | None, str] = {}  # digest → first batch that recorded it
+    for batch in sorted(batches):
+        record = json.loads(p.metrics(batch).read_text())
+        if "feature_weights_sha256" in record:
+            used.setdefault(record["feature_weights_sha256"], batch)
+    if len(used) > 1:
+        named = ", ".join(f"batch {batch}: {str(digest)[:12]}" for digest, batch in list(used.items())[:2])
+        raise CiderError(
+            f"{name}: its tiles were fitted with different feature weights ({named}); install one "
+            f"version on every node and rerun the fit jobs (delete {p.metrics(batch).parent} and "
+            f"{p.tiles(batch).parent})"
+        )
+    if used:
+        return next(iter(used))
+    return feature_weights_digest(_restore_config(config))
+
+
+def provenance(config: dict, name: str, weights_sha256: str | None) -> dict:
+    """How an output was made, stored with it (OME-Zarr attribute ``cider``, TIFF
+    ImageDescription): the software version, the input name, every config section that
+    can change the result, with the defaults the schema filled in, and the SHA-256 of
+    the feature-extractor weights the fits used (:func:`fitted_weights_digest`; ``None``
+    for a generator input without features)."""
+    from .. import __version__
 
     settings = {section: config.get(section) for section in PROVENANCE_SECTIONS}
     made = {
@@ -509,6 +543,6 @@ def provenance(config: dict, name: str) -> dict:
         "version": __version__,
         "input": name,
         "settings": settings,
-        "feature_weights_sha256": feature_weights_digest(_restore_config(config)),
+        "feature_weights_sha256": weights_sha256,
     }
     return json.loads(json.dumps(made, default=str))
