@@ -518,11 +518,11 @@ def fitted_weights_digest(config: dict, name: str) -> str | None:
         if "feature_weights_sha256" in record:
             used.setdefault(record["feature_weights_sha256"], batch)
     if len(used) > 1:
-        named = ", ".join(f"batch {batch}: {str(digest)[:12]}" for digest, batch in list(used.items())[:2])
+        (first, a), (second, b) = list(used.items())[:2]
         raise CiderError(
-            f"{name}: its tiles were fitted with different feature weights ({named}); install one "
-            f"version on every node and rerun the fit jobs (delete {p.metrics(batch).parent} and "
-            f"{p.tiles(batch).parent})"
+            f"{name}: its tiles were fitted with different feature weights (batch {a}: "
+            f"{str(first)[:12]}, batch {b}: {str(second)[:12]}); install one version on every "
+            f"node and rerun the fit jobs (delete {p.metrics(a).parent} and {p.tiles(a).parent})"
         )
     if used:
         return next(iter(used))
