@@ -13,7 +13,9 @@ rule background:
         mem_mb=8000,
     params:
         settings=settings(
-            "background", feature_weights=config["restore"]["feature_weights"]
+            "background",
+            feature_weights=config["restore"]["feature_weights"],
+            generator_input=config["restore"]["generator_input"],
         ),
     script:
         "../../scripts/background.py"

@@ -230,10 +230,21 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         "mean": float(total) / float(np.prod(shape)),
         "noise": {"gain": noise.gain, "floor": noise.floor},
     }
-    value_range = _feature_range(data, background, scale, _restore_config(config, device="cpu"))
+    rcfg = _restore_config(config, device="cpu")
+    value_range = _feature_range(data, background, scale, rcfg)
     if value_range is not None:
         intensity["feature_low"], intensity["feature_high"] = value_range
+        intensity["feature_source"] = _feature_source(rcfg)
     return intensity
+
+
+def _feature_source(rcfg) -> dict:
+    """What a feature range was computed from: the generator input and the extractor's
+    weights by content (``None`` without an extractor), so a fit can tell whether the range
+    is its own (:func:`_feature_value_range`)."""
+    from ..restore import feature_weights_digest
+
+    return {"generator_input": rcfg.generator_input, "feature_weights_sha256": feature_weights_digest(rcfg)}
 
 
 def _noise_planes(count: int, blocks_per_plane: int) -> set[int]:
@@ -325,10 +336,34 @@ def _tile_input(config: dict, tile: Tile):
     from ..restore import deconvolved_features
 
     prepared, rcfg, intensity = _prepared_tile(config, tile)
-    value_range = (
-        (intensity["feature_low"], intensity["feature_high"]) if "feature_low" in intensity else None
-    )
+    value_range = _feature_value_range(config, tile.unit_id, intensity, rcfg)
     return prepared, deconvolved_features(prepared, rcfg, value_range), rcfg
+
+
+def _feature_value_range(config: dict, unit_id: str, intensity: dict, rcfg):
+    """The unit's feature range from its intensity record, checked against the fit's own
+    generator input and weights: a range computed from other weights (a replaced weights
+    file of the same name, another package version on the background node) or another
+    generator input would map this fit's features wrongly before RL, so it stops the job.
+    Records that predate ``feature_source`` are taken as they are."""
+    if "feature_low" not in intensity:
+        return None
+    recorded, wanted = intensity.get("feature_source"), _feature_source(rcfg)
+    if recorded is not None and recorded != wanted:
+        group = make_plan(config).group_of(unit_id)
+        raise CiderError(
+            f"unit {unit_id}: its feature range in {paths(config).intensity(group)} was computed "
+            f"from {_describe(recorded)}, but this fit uses {_describe(wanted)} "
+            "(restore.generator_input, restore.feature_weights or the weights file changed); "
+            "delete that file and rerun so the background job recomputes it"
+        )
+    return intensity["feature_low"], intensity["feature_high"]
+
+
+def _describe(source: dict) -> str:
+    digest = source.get("feature_weights_sha256")
+    weights = f"weights sha256 {digest[:12]}…" if digest else "no extractor"
+    return f"generator_input {source.get('generator_input')} ({weights})"
 
 
 def run_fit(config: dict, batch_id: str) -> dict:
