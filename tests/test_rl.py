@@ -109,6 +109,21 @@ def test_rl_batched_equals_per_channel():
         assert torch.allclose(batched[c], richardson_lucy(stack[c], psf, 10), rtol=1e-12)
 
 
+@pytest.mark.parametrize("boundary", ["valid", "same", "periodic"])
+def test_a_batch_of_psfs_blurs_each_member_with_its_own(boundary):
+    """PSFs with leading batch axes (``ndim`` spatial ones): RL on (B, C, *spatial) equals
+    RL on each member with its own PSF; a PSF with too few axes is refused."""
+    rng = np.random.default_rng(4)
+    psfs = torch.tensor(np.stack([gaussian_psf(s, ndim=2, size=7) for s in (0.8, 1.6, 2.4)]))
+    image = torch.tensor(rng.random((3, 2, 20, 18)) + 0.1)
+    batched = richardson_lucy(image, psfs[:, None], 15, boundary, ndim=2)
+    for member, psf in enumerate(psfs):
+        alone = richardson_lucy(image[member], psf, 15, boundary)
+        torch.testing.assert_close(batched[member], alone, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="fewer than 3 spatial axes"):
+        BlurOperator(psfs[0], (9, 20, 18))
+
+
 def test_positive_map_round_trip():
     """Features of any sign become positive; undoing the map restores them exactly."""
     g = torch.Generator().manual_seed(0)

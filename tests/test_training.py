@@ -67,7 +67,7 @@ def test_poisson_noise_has_the_drawn_photon_statistics():
 
 def test_rl_in_training_is_the_restoration_rl_and_passes_gradients():
     from cider.rl import BlurOperator, from_positive, richardson_lucy, to_positive
-    from cider.training import FEATURE_OFFSET, _otf
+    from cider.training import FEATURE_OFFSET
 
     rng = np.random.default_rng(3)
     kernels = torch.from_numpy(np.stack([gaussian_kernel(rng, 9), motion_kernel(rng, 9)]).astype(np.float32))
@@ -75,7 +75,7 @@ def test_rl_in_training_is_the_restoration_rl_and_passes_gradients():
     truth[..., 8::8, 8::8] = 3.0  # sparse spots, which RL sharpens
     blurred = torch.stack([BlurOperator(k, (32, 32), "periodic").forward(t) for k, t in zip(kernels, truth)])
     features = blurred.clone().requires_grad_(True)
-    deconvolved = _rl_features(features, _otf(kernels, (32, 32)), 30)
+    deconvolved = _rl_features(features, kernels, 30)
     for b, kernel in enumerate(kernels):  # the batched RL is the package's RL, patch by patch
         positive, low, scale = to_positive(blurred[b], FEATURE_OFFSET, 2)
         alone = from_positive(

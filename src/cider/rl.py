@@ -16,7 +16,9 @@ The blur is ``y = A x`` with ``A`` a convolution by the PSF. Three boundary mode
     Object and image have the same shape and the blur wraps around.
 
 Every operator works on a batch of channels ``(..., *spatial)`` at once; the OTF is
-computed once per operator.
+computed once per operator. The PSF may itself carry leading batch axes (``ndim`` names
+its spatial axes): then each batch member is blurred by its own PSF, broadcast against
+the data's leading axes (training blurs every patch with its own kernel).
 """
 
 from __future__ import annotations
@@ -53,13 +55,16 @@ class BlurOperator:
     Parameters
     ----------
     psf : torch.Tensor or np.ndarray
-        PSF with odd size on every axis (see :func:`cider.psf.validate_psf`).
+        PSF with odd size on every spatial axis (see :func:`cider.psf.validate_psf`);
+        leading axes beyond the last ``ndim`` are a batch of PSFs.
     image_shape : sequence of int
         Spatial shape of the observation ``y``.
     boundary : {"valid", "same", "periodic"}
         Boundary model, see the module docstring.
     device, dtype
         Where and in which precision the OTF lives; default: the PSF's.
+    ndim : int, optional
+        Number of spatial axes; default ``len(image_shape)``.
     """
 
     def __init__(
@@ -69,14 +74,17 @@ class BlurOperator:
         boundary: str = "valid",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        ndim: int | None = None,
     ):
         if boundary not in BOUNDARIES:
             raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
         psf = torch.as_tensor(psf, device=device, dtype=dtype)
         self.boundary = boundary
-        self.ndim = psf.ndim
+        self.ndim = ndim or len(image_shape)
+        if psf.ndim < self.ndim:
+            raise ValueError(f"PSF of shape {tuple(psf.shape)} has fewer than {self.ndim} spatial axes")
         self.image_shape = tuple(int(n) for n in image_shape)
-        self.kernel_shape = tuple(psf.shape)
+        self.kernel_shape = tuple(psf.shape[-self.ndim :])
         if boundary == "valid":
             self.object_shape = tuple(n + k - 1 for n, k in zip(self.image_shape, self.kernel_shape))
             self.offset = tuple(k - 1 for k in self.kernel_shape)
@@ -85,7 +93,7 @@ class BlurOperator:
             self.offset = tuple(k // 2 for k in self.kernel_shape)
         if boundary == "periodic":
             self.fft_shape = self.image_shape
-            psf = _place_centred(psf, self.fft_shape)
+            psf = _place_centred(psf, self.fft_shape, self.ndim)
             self.offset = (0,) * self.ndim
         else:
             self.fft_shape = tuple(
@@ -120,16 +128,18 @@ class BlurOperator:
     __call__ = forward
 
 
-def _place_centred(psf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Zero-pad ``psf`` to ``shape`` and roll its centre pixel to index 0."""
+def _place_centred(psf: torch.Tensor, shape: Sequence[int], ndim: int) -> torch.Tensor:
+    """Zero-pad the last ``ndim`` axes of ``psf`` to ``shape`` and roll its centre pixel to
+    index 0."""
+    kernel = psf.shape[-ndim:]
     pad: list[int] = []
-    for k, n in zip(reversed(psf.shape), reversed(shape)):
+    for k, n in zip(reversed(kernel), reversed(shape)):
         if k > n:
-            raise ValueError(f"PSF size {tuple(psf.shape)} exceeds the grid {tuple(shape)}")
+            raise ValueError(f"PSF size {tuple(kernel)} exceeds the grid {tuple(shape)}")
         pad += [0, n - k]
     padded = torch.nn.functional.pad(psf, pad)
-    shifts = tuple(-(k // 2) for k in psf.shape)
-    return torch.roll(padded, shifts, dims=tuple(range(-psf.ndim, 0)))
+    shifts = tuple(-(k // 2) for k in kernel)
+    return torch.roll(padded, shifts, dims=tuple(range(-ndim, 0)))
 
 
 def richardson_lucy(
@@ -139,6 +149,7 @@ def richardson_lucy(
     boundary: str = "valid",
     init: torch.Tensor | float | None = None,
     eps: float = 1e-12,
+    ndim: int | None = None,
 ) -> torch.Tensor:
     """Richardson–Lucy deconvolution of one or many channels at once.
 
@@ -148,7 +159,8 @@ def richardson_lucy(
         Non-negative data, shape ``(*spatial)`` or ``(C, *spatial)`` (any leading batch
         axes); all channels share the PSF and go through in one FFT call.
     psf : tensor or array
-        PSF with ``len(spatial)`` axes, odd sizes, summing to 1.
+        PSF with ``len(spatial)`` axes, odd sizes, summing to 1; or a batch of PSFs
+        ``(..., *kernel)`` with ``ndim`` given, broadcast against the image's leading axes.
     iterations : int
         Number of RL iterations.
     boundary : {"valid", "same", "periodic"}
@@ -158,6 +170,8 @@ def richardson_lucy(
         Starting estimate; default: the mean of each channel, flat.
     eps : float
         Floor of the denominator ``Ax``.
+    ndim : int, optional
+        Number of spatial axes; default ``psf.ndim`` (one PSF for every channel).
 
     Returns
     -------
@@ -165,18 +179,19 @@ def richardson_lucy(
         The estimate, shape ``(..., *object_shape)``.
     """
     psf = torch.as_tensor(psf, device=image.device, dtype=image.dtype)
-    op = BlurOperator(psf, image.shape[-psf.ndim :], boundary)
+    ndim = ndim or psf.ndim
+    op = BlurOperator(psf, image.shape[-ndim:], boundary, ndim=ndim)
     if init is None:
         mean = image.mean(dim=op.dims, keepdim=True)
-        estimate = mean.expand(*image.shape[: -psf.ndim], *op.object_shape).clone()
+        estimate = mean.expand(*image.shape[:-ndim], *op.object_shape).clone()
     else:
         estimate = torch.as_tensor(init, dtype=image.dtype, device=image.device)
-        estimate = estimate.expand(*image.shape[: -psf.ndim], *op.object_shape).clone()
+        estimate = estimate.expand(*image.shape[:-ndim], *op.object_shape).clone()
     if boundary == "valid":
         weight = op.adjoint(torch.ones(op.image_shape, dtype=image.dtype, device=image.device))
         # Object pixels that barely touch the image (Aᵀ1 at FFT round-off level) keep
         # their value instead of being divided by noise.
-        observed = weight > 1e-4 * weight.max()
+        observed = weight > 1e-4 * weight.amax(dim=op.dims, keepdim=True)
         weight = torch.where(observed, weight, torch.ones_like(weight))
     for _ in range(iterations):
         update = op.adjoint(image / op.forward(estimate).clamp_min(eps))

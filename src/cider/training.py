@@ -23,7 +23,7 @@ from torch import nn
 
 from .features import FeatureExtractor
 from .restore import RestoreConfig
-from .rl import from_positive, to_positive
+from .rl import BlurOperator, from_positive, richardson_lucy, to_positive
 
 FEATURE_OFFSET = RestoreConfig.feature_offset  # the default positivity map RL sees at restoration time
 
@@ -145,14 +145,6 @@ class _Decoder(nn.Module):
         return self.net(x)
 
 
-def _otf(kernels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """OTF of centred kernels (B, k, k) on a circular grid ``shape``."""
-    k = kernels.shape[-1]
-    padded = torch.nn.functional.pad(kernels, (0, shape[1] - k, 0, shape[0] - k))
-    padded = torch.roll(padded, (-(k // 2), -(k // 2)), dims=(-2, -1))
-    return torch.fft.rfft2(padded)[:, None]
-
-
 def _batch(images: Sequence[np.ndarray], cfg: TrainConfig, rng: np.random.Generator):
     n = cfg.patch_size
     sharp = np.empty((cfg.batch_size, 1, n, n), dtype=np.float32)
@@ -182,18 +174,12 @@ def _poisson(blurred: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator) 
     return noisy
 
 
-def _rl_features(features: torch.Tensor, otf: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Features ``(B, C, Y, X)`` through RL, each patch with its own OTF ``(B, 1, Y, X//2+1)``,
-    on the circular grid of the training pairs: the positive map, RL and the map undone,
-    as at restoration time (:func:`cider.rl.richardson_lucy` with ``boundary="periodic"``,
-    batched over the patches)."""
-    shape = features.shape[-2:]
+def _rl_features(features: torch.Tensor, kernels: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Features ``(B, C, Y, X)`` through RL, each patch with its own kernel ``(B, k, k)``, on
+    the circular grid of the training pairs: the positive map, RL and the map undone, as
+    at restoration time (:func:`cider.rl.richardson_lucy` with one PSF per patch)."""
     positive, low, scale = to_positive(features, FEATURE_OFFSET, 2)
-    estimate = positive.mean(dim=(-2, -1), keepdim=True).expand_as(positive)
-    for _ in range(iterations):
-        blurred = torch.fft.irfft2(torch.fft.rfft2(estimate) * otf, s=shape)
-        ratio = positive / blurred.clamp_min(1e-12)
-        estimate = (estimate * torch.fft.irfft2(torch.fft.rfft2(ratio) * otf.conj(), s=shape)).clamp_min(0)
+    estimate = richardson_lucy(positive, kernels[:, None], iterations, boundary="periodic", ndim=2)
     return from_positive(estimate, low, scale, FEATURE_OFFSET)
 
 
@@ -232,13 +218,13 @@ def train_feature_extractor(
     curve, running, start = [], 0.0, time.perf_counter()
     for step in range(1, cfg.steps + 1):
         sharp, kernels, noise = _batch(images, cfg, rng)
-        otf = _otf(kernels, (n, n))
-        blurred = _poisson(torch.fft.irfft2(torch.fft.rfft2(sharp) * otf, s=(n, n)), cfg, rng) + noise
+        blur = BlurOperator(kernels[:, None], (n, n), "periodic")  # one kernel per patch
+        blurred = _poisson(blur(sharp), cfg, rng) + noise
         features = extractor(blurred)
         if cfg.deconvolution == "rl":
-            deconvolved = _rl_features(features, otf, cfg.rl_iterations)
+            deconvolved = _rl_features(features, kernels, cfg.rl_iterations)
         else:
-            wiener = otf.conj() / (otf.abs() ** 2 + log_nsr.exp())
+            wiener = blur.otf.conj() / (blur.otf.abs() ** 2 + log_nsr.exp())
             deconvolved = torch.fft.irfft2(torch.fft.rfft2(features) * wiener, s=(n, n))
         output = decoder(deconvolved)
         inner = (..., slice(margin, n - margin), slice(margin, n - margin))
