@@ -20,6 +20,33 @@ def test_help_explains_usage():
         assert text in out.stdout
 
 
+def test_train_features_options_default_to_the_train_config_and_reach_it():
+    """No option given: exactly ``TrainConfig()`` (the settings that made the shipped
+    weights); every option reaches its field."""
+    from cider.training import TrainConfig
+
+    parser = cli.build_parser()
+    assert (
+        cli.train_config(parser.parse_args(["train-features", "--data", "d", "-o", "w.pt"])) == TrainConfig()
+    )
+    options = (
+        "--steps 7 --seed 3 --threads 2 --noise-max 0.02 --kernel-mix 0.5 0.3 0.2 --poisson-fraction 0.5"
+    )
+    options += " --photons 50 500 --deconvolution rl --rl-iterations 10"
+    args = parser.parse_args(["train-features", "--data", "d", "-o", "w.pt", *options.split()])
+    assert cli.train_config(args) == TrainConfig(
+        steps=7,
+        seed=3,
+        threads=2,
+        noise_max=0.02,
+        kernel_mix=(0.5, 0.3, 0.2),
+        poisson_fraction=0.5,
+        photons=(50.0, 500.0),
+        deconvolution="rl",
+        rl_iterations=10,
+    )
+
+
 def test_restore_tiff_round_trip(tmp_path, capsys):
     from scipy.ndimage import convolve
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .training import TrainConfig
+
 DESCRIPTION = """\
 cider restores (deconvolves) microscopy images and volumes with CiDeR: deep features,
 Richardson-Lucy on the features, and a small generator fitted to this one image. No
@@ -143,18 +145,9 @@ def _psf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import io
-    from .training import TrainConfig, train_feature_extractor
-
-    files = sorted(Path(args.data).glob("*.png"))
-    if not files:
-        print(f"cider train-features: no PNG images in {args.data}", file=sys.stderr)
-        return 2
-    images = [io.read_image(f).astype(np.float32) / 255.0 for f in files]
-    config = TrainConfig(
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`~cider.training.TrainConfig` that ``cider train-features`` options ask for."""
+    return TrainConfig(
         steps=args.steps,
         seed=args.seed,
         threads=args.threads,
@@ -165,6 +158,20 @@ def _train(args: argparse.Namespace) -> int:
         deconvolution=args.deconvolution,
         rl_iterations=args.rl_iterations,
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import io
+    from .training import train_feature_extractor
+
+    files = sorted(Path(args.data).glob("*.png"))
+    if not files:
+        print(f"cider train-features: no PNG images in {args.data}", file=sys.stderr)
+        return 2
+    images = [io.read_image(f).astype(np.float32) / 255.0 for f in files]
+    config = train_config(args)
     model, record = train_feature_extractor(images, config, log=lambda line: print(line, flush=True))
     record["data"] = {"folder": Path(args.data).name, "images": len(files)}
     output = Path(args.output)
@@ -229,36 +236,50 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "-o", "--output", required=True, help="weights file to write (.pt); a .json record goes beside it"
     )
-    t.add_argument("--steps", type=int, default=2500, help="training steps (default 2500)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    t.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    t.add_argument("--noise-max", type=float, default=0.01, help="largest Gaussian noise σ (default 0.01)")
+    train = TrainConfig()  # the option defaults are the config's: one place to change them
+    t.add_argument("--steps", type=int, default=train.steps, help="training steps (default %(default)s)")
+    t.add_argument("--seed", type=int, default=train.seed, help="random seed (default %(default)s)")
+    t.add_argument("--threads", type=int, default=train.threads, help="CPU threads (default %(default)s)")
+    t.add_argument(
+        "--noise-max",
+        type=float,
+        default=train.noise_max,
+        help="largest Gaussian noise σ (default %(default)s)",
+    )
     t.add_argument(
         "--kernel-mix",
         type=float,
         nargs=3,
-        default=[0.7, 0.3, 0.0],
+        default=train.kernel_mix,
         metavar=("MOTION", "GAUSSIAN", "DEFOCUS"),
-        help="shares of the blur kernels (default 0.7 0.3 0)",
+        help="shares of the blur kernels (default %(default)s)",
     )
     t.add_argument(
-        "--poisson-fraction", type=float, default=0.0, help="share of patches with shot noise (default 0)"
+        "--poisson-fraction",
+        type=float,
+        default=train.poisson_fraction,
+        help="share of patches with shot noise (default %(default)s)",
     )
     t.add_argument(
         "--photons",
         type=float,
         nargs=2,
-        default=[100.0, 10000.0],
+        default=train.photons,
         metavar=("LOW", "HIGH"),
-        help="range of the peak photon count of the shot noise (log-uniform; default 100 10000)",
+        help="range of the peak photon count of the shot noise (log-uniform; default %(default)s)",
     )
     t.add_argument(
         "--deconvolution",
         choices=["wiener", "rl"],
-        default="wiener",
-        help="deconvolution of the features in training (default wiener; rl: as at restoration)",
+        default=train.deconvolution,
+        help="deconvolution of the features in training (default %(default)s; rl: as at restoration)",
     )
-    t.add_argument("--rl-iterations", type=int, default=20, help="RL iterations with --deconvolution rl")
+    t.add_argument(
+        "--rl-iterations",
+        type=int,
+        default=train.rl_iterations,
+        help="RL iterations with --deconvolution rl (default %(default)s)",
+    )
     t.set_defaults(func=_train)
     return parser
 
