@@ -632,6 +632,11 @@ def test_a_config_change_reruns_exactly_the_affected_rules(tmp_path):
     assert _job_counts(second.stderr) == {"all": 1, "fit": 1, "report": 1, "stitch": 1}, second.stderr
     assert "Params have changed since last execution" in second.stderr
     assert "Nothing to be done" in _snakemake(config).stderr
+    settings["restore"]["generator_input"] = "image_rl"  # the feature range changes with it
+    config.write_text(yaml.safe_dump(settings))
+    third = _snakemake(config)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert _job_counts(third.stderr) == {"all": 1, "background": 1, "fit": 1, "report": 1, "stitch": 1}
 
 
 def test_every_script_runs_alone_and_documents_it():
