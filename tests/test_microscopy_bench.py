@@ -131,3 +131,32 @@ def test_seed_summary_states_spread_and_ensemble_gain():
     assert s["ensemble_psnr"] == 26.6 and s["ensemble_gain_db"] == pytest.approx(0.4)
     line = seeds.table([{"case": "c", "iterations": 10, "rows": rows}], "cpu").splitlines()[8]
     assert line == "| c | 10 | 3 | 26.20 ± 0.20 (26.00–26.40) | 0.500 | 26.60 / 0.600 | +0.40 |"
+
+
+@pytest.mark.parametrize("spec", sorted((ROOT / "bench" / "sweeps").glob("*.json")), ids=lambda p: p.stem)
+def test_every_sweep_spec_names_known_cases_methods_and_settings(spec):
+    """A sweep spec is what a 15-minute GPU lease runs: a misspelt case, method or setting
+    must fail here, not on the device. Each config's settings build a RestoreConfig."""
+    import json
+
+    from microscopy_data import CASES
+    from overrides import parse_overrides
+
+    from cider import RestoreConfig
+    from cider.features import weights_source
+
+    sweep = json.loads(spec.read_text())
+    assert set(sweep["cases"]) <= set(CASES) and set(sweep["methods"]) <= set(microscopy.METHODS)
+    assert sweep["iterations"] > 0 and sweep["configs"]
+    for name, setting in sweep["configs"].items():
+        setting = {"set": setting} if isinstance(setting, list) else setting
+        assert set(setting) <= {"set", "methods", "cases", "args", "iterations"}, name
+        assert set(setting.get("cases", [])) <= set(sweep["cases"]), name
+        assert set(setting.get("methods", [])) <= set(microscopy.METHODS), name
+        assert all(
+            a.startswith("--least-offset") or not a.startswith("--") for a in setting.get("args", [])
+        ), name
+        overrides = parse_overrides(setting.get("set", []), refused=("iterations", "device", "progress"))
+        config = RestoreConfig().with_(**overrides)
+        if config.feature_weights is not None:
+            weights_source(config.feature_weights)  # a shipped name or an existing file
