@@ -145,19 +145,30 @@ def _psf(args: argparse.Namespace) -> int:
     return 0
 
 
+# ``cider train-features`` options: TrainConfig field → help text, other add_argument keywords.
+TRAIN_OPTIONS = {
+    "steps": ("training steps", {}),
+    "seed": ("random seed", {}),
+    "threads": ("CPU threads", {}),
+    "noise_max": ("largest Gaussian noise σ", {}),
+    "kernel_mix": ("shares of the blur kernels", {"nargs": 3, "metavar": ("MOTION", "GAUSSIAN", "DEFOCUS")}),
+    "poisson_fraction": ("share of patches with shot noise", {}),
+    "photons": (
+        "range of the peak photon count of the shot noise (log-uniform)",
+        {"nargs": 2, "metavar": ("LOW", "HIGH")},
+    ),
+    "deconvolution": (
+        "deconvolution of the features in training (rl: as at restoration)",
+        {"choices": ["wiener", "rl"]},
+    ),
+    "rl_iterations": ("RL iterations with --deconvolution rl", {}),
+}
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The :class:`~cider.training.TrainConfig` that ``cider train-features`` options ask for."""
-    return TrainConfig(
-        steps=args.steps,
-        seed=args.seed,
-        threads=args.threads,
-        noise_max=args.noise_max,
-        kernel_mix=tuple(args.kernel_mix),
-        poisson_fraction=args.poisson_fraction,
-        photons=tuple(args.photons),
-        deconvolution=args.deconvolution,
-        rl_iterations=args.rl_iterations,
-    )
+    values = {field: getattr(args, field) for field in TRAIN_OPTIONS}
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -237,49 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, help="weights file to write (.pt); a .json record goes beside it"
     )
     train = TrainConfig()  # the option defaults are the config's: one place to change them
-    t.add_argument("--steps", type=int, default=train.steps, help="training steps (default %(default)s)")
-    t.add_argument("--seed", type=int, default=train.seed, help="random seed (default %(default)s)")
-    t.add_argument("--threads", type=int, default=train.threads, help="CPU threads (default %(default)s)")
-    t.add_argument(
-        "--noise-max",
-        type=float,
-        default=train.noise_max,
-        help="largest Gaussian noise σ (default %(default)s)",
-    )
-    t.add_argument(
-        "--kernel-mix",
-        type=float,
-        nargs=3,
-        default=train.kernel_mix,
-        metavar=("MOTION", "GAUSSIAN", "DEFOCUS"),
-        help="shares of the blur kernels (default %(default)s)",
-    )
-    t.add_argument(
-        "--poisson-fraction",
-        type=float,
-        default=train.poisson_fraction,
-        help="share of patches with shot noise (default %(default)s)",
-    )
-    t.add_argument(
-        "--photons",
-        type=float,
-        nargs=2,
-        default=train.photons,
-        metavar=("LOW", "HIGH"),
-        help="range of the peak photon count of the shot noise (log-uniform; default %(default)s)",
-    )
-    t.add_argument(
-        "--deconvolution",
-        choices=["wiener", "rl"],
-        default=train.deconvolution,
-        help="deconvolution of the features in training (default %(default)s; rl: as at restoration)",
-    )
-    t.add_argument(
-        "--rl-iterations",
-        type=int,
-        default=train.rl_iterations,
-        help="RL iterations with --deconvolution rl (default %(default)s)",
-    )
+    for field, (text, extra) in TRAIN_OPTIONS.items():
+        default = getattr(train, field)
+        kind = type(default[0]) if isinstance(default, tuple) else type(default)
+        t.add_argument(
+            "--" + field.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=f"{text} (default %(default)s)",
+            **extra,
+        )
     t.set_defaults(func=_train)
     return parser
 
