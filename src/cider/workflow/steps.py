@@ -346,7 +346,7 @@ def _feature_value_range(config: dict, unit_id: str, intensity: dict, rcfg):
     file of the same name, another package version on the background node) or another
     generator input would map this fit's features wrongly before RL, so it stops the job.
     Records that predate ``feature_source`` are taken as they are."""
-    if "feature_low" not in intensity:
+    if "feature_low" not in intensity or rcfg.generator_input == "noise":  # noise uses no range
         return None
     recorded, wanted = intensity.get("feature_source"), _feature_source(rcfg)
     if recorded is not None and recorded != wanted:
@@ -361,6 +361,7 @@ def _feature_value_range(config: dict, unit_id: str, intensity: dict, rcfg):
 
 
 def _describe(source: dict) -> str:
+    """A feature source for messages: generator input and the weights digest's first digits."""
     digest = source.get("feature_weights_sha256")
     weights = f"weights sha256 {digest[:12]}…" if digest else "no extractor"
     return f"generator_input {source.get('generator_input')} ({weights})"
