@@ -481,7 +481,7 @@ def test_a_fit_refuses_a_feature_range_computed_from_other_weights(tmp_path):
     input stops with a message naming the record, instead of mapping its features with a
     range that is not theirs. A record that predates the field is used as it is."""
     from cider.workflow import paths, run_background, run_prepare
-    from cider.workflow.steps import _feature_value_range, _restore_config
+    from cider.workflow.steps import _feature_source, _feature_value_range, _restore_config
 
     config = validate_config(yaml.safe_load(_dataset(tmp_path, (40, 48), 1.5, 32).read_text()))
     run_prepare(config)
@@ -491,7 +491,7 @@ def test_a_fit_refuses_a_feature_range_computed_from_other_weights(tmp_path):
         (Path(cider.__file__).parent / "weights" / "features.pt").read_bytes()
     ).hexdigest()
     assert record["feature_source"] == {"generator_input": "features", "feature_weights_sha256": shipped}
-    own = _feature_value_range(config, "u000", record, _restore_config(config))
+    own = _feature_value_range(config, "u000", record, _feature_source(_restore_config(config)))
     assert own == (record["feature_low"], record["feature_high"]) and len(own[0]) == 16
     for key, value in (("feature_weights", "features_rl10.pt"), ("generator_input", "image_rl")):
         other = {**config, "restore": {**config["restore"], key: value}}
@@ -499,9 +499,9 @@ def test_a_fit_refuses_a_feature_range_computed_from_other_weights(tmp_path):
             CiderError,
             match=r"unit u000: its feature range in .*background.g0\.json was computed from generator_input features \(weights sha256 [0-9a-f]{12}….*delete",
         ):
-            _feature_value_range(other, "u000", record, _restore_config(other))
+            _feature_value_range(other, "u000", record, _feature_source(_restore_config(other)))
     older = {k: v for k, v in record.items() if k != "feature_source"}
-    assert _feature_value_range(config, "u000", older, _restore_config(config)) == own
+    assert _feature_value_range(config, "u000", older, _feature_source(_restore_config(config))) == own
 
 
 def test_end_to_end_3d(tmp_path):

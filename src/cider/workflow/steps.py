@@ -331,24 +331,26 @@ def _intensity_records(path: str) -> dict:
     return json.loads(Path(path).read_text())["units"]
 
 
-def _tile_input(config: dict, tile: Tile):
-    """Prepared observation and generator input (features + RL) of one tile."""
+def _tile_input(config: dict, tile: Tile, source: dict):
+    """Prepared observation and generator input (features + RL) of one tile; ``source``:
+    the fit's own :func:`_feature_source`, which the unit's feature range must match."""
     from ..restore import deconvolved_features
 
     prepared, rcfg, intensity = _prepared_tile(config, tile)
-    value_range = _feature_value_range(config, tile.unit_id, intensity, rcfg)
+    value_range = _feature_value_range(config, tile.unit_id, intensity, source)
     return prepared, deconvolved_features(prepared, rcfg, value_range), rcfg
 
 
-def _feature_value_range(config: dict, unit_id: str, intensity: dict, rcfg):
+def _feature_value_range(config: dict, unit_id: str, intensity: dict, wanted: dict):
     """The unit's feature range from its intensity record, checked against the fit's own
-    generator input and weights: a range computed from other weights (a replaced weights
-    file of the same name, another package version on the background node) or another
-    generator input would map this fit's features wrongly before RL, so it stops the job.
+    generator input and weights (``wanted``, its :func:`_feature_source`): a range computed
+    from other weights (a replaced weights file of the same name, another package version
+    on the background node) or another generator input would map this fit's features
+    wrongly before RL, so it stops the job.
     Records that predate ``feature_source`` are taken as they are."""
-    if "feature_low" not in intensity or rcfg.generator_input == "noise":  # noise uses no range
+    if "feature_low" not in intensity or wanted["generator_input"] == "noise":  # noise uses no range
         return None
-    recorded, wanted = intensity.get("feature_source"), _feature_source(rcfg)
+    recorded = intensity.get("feature_source")
     if recorded is not None and recorded != wanted:
         group = make_plan(config).group_of(unit_id)
         raise CiderError(
@@ -377,7 +379,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
     import torch
 
     from ..fitting import fit_generators
-    from ..restore import feature_weights_digest, resolve_device, to_data_units
+    from ..restore import resolve_device, to_data_units
 
     plan, p = make_plan(config), paths(config)
     batch = plan.batch(batch_id)
@@ -385,11 +387,14 @@ def run_fit(config: dict, batch_id: str) -> dict:
     failing = set(batch.tiles) & set(os.environ.get(FAIL_ENV, "").split(","))
     if failing:
         raise RuntimeError(f"tile {sorted(failing)[0]}: failure injected through ${FAIL_ENV} (testing hook)")
+    # What the features come from, hashed once per job: checked against each unit's
+    # feature range and recorded in the metrics.
+    source = _feature_source(_restore_config(config))
     start = time.perf_counter()
     tiles, fits, prepared = [], [], []
     for one_pass in batch.passes:  # same-shape tiles, fitted together
         pass_tiles = [plan.tile(t) for t in one_pass]
-        inputs = [_tile_input(config, tile) for tile in pass_tiles]
+        inputs = [_tile_input(config, tile, source) for tile in pass_tiles]
         pass_prepared = [i[0] for i in inputs]
         labels = [f"tile {t}" for t in one_pass]
         fits += fit_generators([i[1] for i in inputs], pass_prepared, inputs[0][2], labels=labels)
@@ -424,7 +429,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
         "passes": len(batch.passes),
         "seconds": seconds,
         "device": str(device),
-        "feature_weights_sha256": feature_weights_digest(_restore_config(config)),
+        "feature_weights_sha256": source["feature_weights_sha256"],
     }
     if torch.cuda.is_available() and device.type == "cuda":
         batch_record["device_name"] = torch.cuda.get_device_name(device)
