@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from cider import cli, gaussian_psf, io
 
@@ -81,6 +82,25 @@ def test_fluorescence_flag_sets_the_fluorescence_settings_and_says_so(tmp_path, 
     settings = json.loads(capsys.readouterr().out)["settings"]
     assert settings["data_weight"] == 100.0 and settings["hessian_domain"] == "stabilised"
     assert settings["background"]["enabled"] is True and settings["iterations"] == 3
+
+
+def test_rl_flag_restores_with_plain_rl_and_says_so(tmp_path, capsys):
+    from cider import richardson_lucy
+
+    image = blobs((40, 40), 6) + 0.1
+    tifffile.imwrite(tmp_path / "in.tif", image.astype(np.float32))
+    args = ["restore", str(tmp_path / "in.tif"), "--gaussian-sigma", "1.2", "-o", str(tmp_path / "out.tif")]
+    assert cli.main([*args, "--rl", "15", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["method"] == "rl" and report["settings"]["rl_iterations"] == 15
+    assert report["iterations"] == 15
+    psf = gaussian_psf(1.2)
+    r = psf.shape[0] // 2
+    plain = richardson_lucy(torch.tensor(image), torch.tensor(psf), 15).numpy()[r:-r, r:-r]
+    out = tifffile.imread(tmp_path / "out.tif")
+    np.testing.assert_allclose(out.sum(), image.sum(), rtol=0.01)  # flux kept
+    assert np.abs(out - plain).max() < 0.02 * plain.max()
+    assert cli.main([*args, "--rl", "0"]) == 2 and "--rl must be ≥ 1" in capsys.readouterr().err
 
 
 def test_restore_png_with_gaussian_psf(tmp_path):

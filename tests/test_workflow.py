@@ -502,6 +502,36 @@ def test_a_fit_refuses_a_feature_range_computed_from_other_weights(tmp_path):
             _feature_value_range(other, "u000", record, _feature_source(_restore_config(other)))
     older = {k: v for k, v in record.items() if k != "feature_source"}
     assert _feature_value_range(config, "u000", older, _feature_source(_restore_config(config))) == own
+    no_range = {k: v for k, v in record.items() if not k.startswith("feature_")}  # as for method rl
+    with pytest.raises(CiderError, match=r"unit u000: .*background.g0\.json has no feature range.*delete"):
+        _feature_value_range(config, "u000", no_range, _feature_source(_restore_config(config)))
+
+
+@pytest.mark.slow
+def test_the_rl_baseline_runs_through_the_same_pipeline(tmp_path):
+    """``restore.method: rl``: plain RL of every tile through the same plan, background
+    job, stitching and outputs, judged against the truth; no feature range is computed,
+    the tiles' records and the output's provenance say which method made them, and RL's
+    falling χ² is not flagged as an unconverged fit."""
+    config = _dataset(tmp_path, (60, 60), 1.5, 32, method="rl", rl_iterations=30)
+    run = _snakemake(config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    record = json.loads((out / "work" / "background" / "g0.json").read_text())["units"]["u000"]
+    assert not any(key.startswith("feature_") for key in record)
+    tiles = [
+        t
+        for m in sorted((out / "work" / "metrics").glob("*.json"))
+        for t in json.loads(m.read_text())["tiles"]
+    ]
+    assert len(tiles) == 4 and {t["method"] for t in tiles} == {"rl"}
+    assert all(t["iterations"] == 30 and t["loss_history"][-1] < t["loss_history"][0] for t in tiles)
+    group, _ = _read_ome_zarr(out / "input.ome.zarr")
+    assert group.attrs["cider"]["settings"]["restore"]["method"] == "rl"
+    gain = _psnr_gain(np.asarray(group["0"]), tifffile.imread(tmp_path / "input.tif"), tmp_path)
+    assert gain > 1.0, f"RL's PSNR gain over the input only {gain:.2f} dB"
+    page = (out / "report" / "index.html").read_text()
+    assert "plain Richardson–Lucy" in page and "still improving</td>" not in page
 
 
 def test_end_to_end_3d(tmp_path):

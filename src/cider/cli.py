@@ -58,6 +58,8 @@ def _restore(args: argparse.Namespace) -> int:
     ).with_(background={"enabled": args.background})
     if args.fluorescence:
         config = config.with_(**FLUORESCENCE, background={"enabled": True})
+    if args.rl is not None:
+        config = config.with_(method="rl", rl_iterations=args.rl)
     result = restore(image, psf, config)
     restored, text = result.restored, None
     if Path(args.output).suffix.lower() == ".png":
@@ -99,6 +101,8 @@ def _restore_refusal(args: argparse.Namespace) -> str | None:
     from .restore import resolve_device
 
     suffix = Path(args.output).suffix.lower()
+    if args.rl is not None and args.rl < 1:
+        return "--rl must be ≥ 1 (RL iterations)"
     if args.iterations < 1:
         return "--iterations must be ≥ 1 (0 would return an untrained generator)"
     if Path(args.output).resolve() == Path(args.input).resolve():
@@ -220,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--early-stop", type=int, default=0, metavar="N", help="stop after N iterations without progress"
+    )
+    r.add_argument(
+        "--rl",
+        type=int,
+        metavar="N",
+        help="plain Richardson-Lucy with N iterations instead of CiDeR (the baseline)",
     )
     r.add_argument("--weights", help="feature-extractor weights (default: the ones shipped)")
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

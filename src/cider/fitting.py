@@ -8,6 +8,8 @@ gradient of member *i*'s weights is exactly the gradient of its own loss: the ba
 B independent fits, computed together. A member that stops early (discrepancy or
 plateau) is taken out of the batch at that check, with its weights and optimiser state,
 so the others continue unchanged. :func:`fit_generator` is the batch of one.
+:func:`fit_rl` is the plain Richardson–Lucy baseline (``RestoreConfig.method="rl"``) with
+the same result type, object grid, flux renormalisation and finite check.
 
 What makes a batch fast is the device: on a GPU a small tile leaves most of it idle, and
 B tiles per forward pass fill it. On a CPU a batch pays off only for small members, so
@@ -31,12 +33,12 @@ from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 from .errors import CiderError
 from .generator import Generator, GeneratorConfig, softplus_inverse
 from .losses import hessian_penalty, sparsity_penalty, ssim_loss, variance_stabilised
-from .rl import BlurOperator
+from .rl import BlurOperator, richardson_lucy
 
 if TYPE_CHECKING:
     from .restore import Prepared, RestoreConfig
 
-__all__ = ["Fit", "fit_generator", "fit_generators", "noise_aware_weights"]
+__all__ = ["Fit", "fit_generator", "fit_generators", "fit_rl", "noise_aware_weights"]
 
 # On a CPU a batch is faster only for small members (bench/results/throughput.md: 1.4× for
 # 8 tiles of 76² object voxels, 0.8× for 140², 0.6× for 268²): there, members are fitted
@@ -142,6 +144,54 @@ def fit_generator(
     return fit_generators(
         [features], [prepared], config, member_callback, start=start, keep_weights=keep_weights
     )[0]
+
+
+def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> Fit:
+    """Plain Richardson–Lucy of one observation for ``config.rl_iterations`` iterations.
+
+    The baseline restoration (``method="rl"``): no features and no generator. It runs on
+    the valid-convolution model, so its estimate has the generator's object grid (image +
+    PSF − 1) and goes through the same flux renormalisation and finite check. RL needs
+    non-negative data: negative noise excursions (after background removal) count as 0.
+
+    Parameters
+    ----------
+    prepared : Prepared
+        Observation, PSF and noise model.
+    config : RestoreConfig
+        ``rl_iterations`` and ``preserve_flux`` are used.
+    label : str
+        Name of the observation (e.g. its tile id) for error messages.
+
+    Returns
+    -------
+    Fit
+        The estimate; ``losses`` holds the χ² per pixel (in units of the noise variance)
+        of the estimate each iteration started from, ``chi2`` the final estimate's.
+    """
+    observation, psf = prepared.observation, prepared.psf
+    shape = tuple(n + k - 1 for n, k in zip(observation.shape, psf.shape))
+    if _is_flat(observation):
+        return Fit(
+            torch.full(shape, float(observation.flatten()[0]), device=observation.device), [], 0.0, "flat"
+        )
+    losses: list[float] = []
+
+    def chi2(blurred: torch.Tensor) -> float:
+        variance = prepared.noise.variance(blurred)
+        return float(((blurred - observation) ** 2 / variance).mean())
+
+    blur = BlurOperator(psf, observation.shape, "valid")
+    with torch.no_grad():
+        estimate = richardson_lucy(
+            observation.clamp_min(0),
+            psf,
+            config.rl_iterations,
+            boundary="valid",
+            callback=lambda iteration, blurred: losses.append(chi2(blurred)),
+        )
+        final = chi2(blur(estimate))
+    return _finish(estimate, blur, prepared, losses, final, "iterations", config, label)
 
 
 @dataclass
@@ -552,5 +602,9 @@ def _finish(
             flux_factor = observed / modelled
             estimate = estimate * flux_factor
     if not bool(torch.isfinite(estimate).all()):
+        if config.method == "rl":
+            raise CiderError(
+                f"{label}: Richardson–Lucy produced NaN/infinite values; check the input and PSF"
+            )
         raise CiderError(f"{label}: generator fit produced NaN/infinite values; lower restore.learning_rate")
     return Fit(estimate.clone(), losses, chi2, stopped, flux_factor)

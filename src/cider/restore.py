@@ -34,7 +34,7 @@ import torch
 from .background import BackgroundConfig, wavelet_background
 from .errors import CiderError, ImageError
 from .features import extract_features, load_feature_extractor, weights_digest
-from .fitting import Fit, fit_generator, fit_generators, noise_aware_weights
+from .fitting import Fit, fit_generator, fit_generators, fit_rl, noise_aware_weights
 from .generator import OUTPUTS
 from .noise import NoiseModel, estimate_noise
 from .psf import validate_psf
@@ -51,6 +51,7 @@ __all__ = [
     "deconvolved_features",
     "fit_generator",
     "fit_generators",
+    "fit_rl",
     "noise_aware_weights",
     "feature_weights_digest",
     "resolve_device",
@@ -59,6 +60,7 @@ __all__ = [
     "intensity_scale",
 ]
 
+METHODS = ("cider", "rl")
 GENERATOR_INPUTS = ("features", "image_rl", "features_image", "noise")
 STOP_RULES = ("discrepancy", "none")
 PRECISIONS = ("float32", "bfloat16")
@@ -158,8 +160,13 @@ class RestoreConfig:
     log_every : int
         Iterations between loss read-outs, callbacks and stop checks (each read-out is a
         device synchronisation).
+    method : {"cider", "rl"}
+        ``cider``: the generator fit. ``rl``: plain Richardson–Lucy of the observation
+        for ``rl_iterations`` (the baseline, no features or generator: the generator
+        settings are unused), with the same object grid, flux renormalisation and checks
+        (:func:`cider.fitting.fit_rl`).
     rl_iterations : int
-        Richardson–Lucy iterations on the features.
+        Richardson–Lucy iterations on the features (with ``method="rl"``: on the image).
     feature_offset : float
         Pedestal of the positivity map before RL (:func:`cider.rl.to_positive`).
     generator_input : {"features", "image_rl", "features_image", "noise"}
@@ -221,6 +228,7 @@ class RestoreConfig:
     keep_best_by: str = "loss"
     average: float = 0.0
     log_every: int = 10
+    method: str = "cider"
     rl_iterations: int = 20
     feature_offset: float = 0.01
     generator_input: str = "features"
@@ -258,6 +266,7 @@ class RestoreConfig:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise CiderError(f"RestoreConfig: invalid value(s) {values}; see the RestoreConfig docstring")
         for name, allowed in (
+            ("method", METHODS),
             ("generator_input", GENERATOR_INPUTS),
             ("stop", STOP_RULES),
             ("output", OUTPUTS),
@@ -270,6 +279,13 @@ class RestoreConfig:
                 raise CiderError(
                     f"RestoreConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+
+    @property
+    def needs_feature_range(self) -> bool:
+        """Whether RL runs on a generator input through the positivity map, which needs
+        the whole image's range (:func:`feature_range`): not for ``generator_input="noise"``
+        nor for ``method="rl"``."""
+        return self.method == "cider" and self.generator_input != "noise"
 
     def with_(self, **changes) -> RestoreConfig:
         """Copy with some fields changed (``background`` may be given as a dict)."""
@@ -470,10 +486,10 @@ def raw_features(observation: torch.Tensor, config: RestoreConfig) -> torch.Tens
 
 def feature_weights_digest(config: RestoreConfig) -> str | None:
     """SHA-256 of the feature-extractor weights that ``config`` restores with, or ``None``
-    when its generator input has no features (``image_rl``, ``noise``). ``feature_weights:
+    when it uses no features (``image_rl``, ``noise``, ``method="rl"``). ``feature_weights:
     None`` names the package's default file, whose content can change between versions:
     the digest is what tells results apart."""
-    if config.generator_input not in ("features", "features_image"):
+    if config.method != "cider" or config.generator_input not in ("features", "features_image"):
         return None
     return weights_digest(config.feature_weights)
 
@@ -534,7 +550,7 @@ def restore(
     scale: float | None = None,
     voxel_size: Sequence[float] | None = None,
 ) -> Result:
-    """Restore one 2D image or 3D volume with CiDeR.
+    """Restore one 2D image or 3D volume with CiDeR (or plain RL: ``config.method``).
 
     Parameters
     ----------
@@ -566,10 +582,14 @@ def restore(
     prepared = prepare(image, psf, config, background, scale, voxel_size=voxel_size)
     device = prepared.observation.device
     timings["prepare"] = time.perf_counter() - start
-    features = deconvolved_features(prepared, config)
-    timings["features"] = time.perf_counter() - start - timings["prepare"]
-    with _progress_bar(config) as callback:
-        fit = fit_generator(features, prepared, config, callback)
+    if config.method == "rl":
+        timings["features"] = 0.0
+        fit = fit_rl(prepared, config)
+    else:
+        features = deconvolved_features(prepared, config)
+        timings["features"] = time.perf_counter() - start - timings["prepare"]
+        with _progress_bar(config) as callback:
+            fit = fit_generator(features, prepared, config, callback)
     timings["fit"] = time.perf_counter() - start - timings["prepare"] - timings["features"]
     restored = to_data_units(fit.estimate, prepared)
     timings["total"] = time.perf_counter() - start

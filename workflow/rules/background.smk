@@ -16,6 +16,7 @@ rule background:
             "background",
             feature_weights=config["restore"]["feature_weights"],
             generator_input=config["restore"]["generator_input"],
+            method=config["restore"]["method"],
         ),
     script:
         "../../scripts/background.py"

@@ -53,7 +53,9 @@ def still_falling(losses: list[float]) -> bool:
 def tile_flags(record: dict, median_chi2: float | None, seam: float | None) -> list[str]:
     """What is suspicious about one tile's fit (empty: nothing)."""
     flags = []
-    if record.get("stopped") == "iterations" and still_falling(record.get("loss_history") or []):
+    # Plain RL's χ² falls at every iteration by design; more iterations amplify noise.
+    fitted = record.get("method", "cider") == "cider"
+    if fitted and record.get("stopped") == "iterations" and still_falling(record.get("loss_history") or []):
         flags.append("still improving")
     chi2 = record.get("chi2")
     if chi2 is not None and median_chi2 and chi2 > CHI2_OUTLIER * median_chi2:
@@ -324,6 +326,11 @@ def _page(config, summary, records, flags, seams, views) -> str:
         for name, colour in COLOURS.items()
     )
     name = html.escape(config["name"])
+    curves_note = (
+        "<p>restore.method rl: plain Richardson–Lucy; each curve is the χ² of its iterations.</p>"
+        if config["restore"]["method"] == "rl"
+        else ""
+    )
     return (
         f"<html><head><meta charset='utf-8'><title>cider report: {name}</title></head><body>"
         f"<h1>cider report: {name}</h1>"
@@ -335,7 +342,7 @@ def _page(config, summary, records, flags, seams, views) -> str:
         f"<b>seam</b> (gradient ratio across the tile's boundaries above {SEAM_LIMIT:g}× the input's).</p>"
         f"<h2>Before / after (maximum projection for volumes; one contrast for both)</h2>"
         f"<p>Tile maps: {legend}</p>{''.join(views)}"
-        f"<h2>Loss curves (each scaled to its own range; flagged tiles red)</h2>"
+        f"<h2>Loss curves (each scaled to its own range; flagged tiles red)</h2>{curves_note}"
         f"{_curves(records, flagged)}"
         f"<h2>Tiles (flagged first; all in <a href='tiles.csv'>tiles.csv</a>)</h2>"
         f"<table border=1 cellspacing=0><tr>{header}</tr>{rows}</table>{more}</body></html>"

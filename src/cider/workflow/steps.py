@@ -268,7 +268,7 @@ def _feature_range(data, background, scale: float, rcfg, planes: int = 4, window
 
     from ..restore import raw_features
 
-    if rcfg.generator_input == "noise":
+    if not rcfg.needs_feature_range:
         return None
     plane_shape = data.shape[-2:]
     lows, highs = [], []
@@ -348,8 +348,15 @@ def _feature_value_range(config: dict, unit_id: str, intensity: dict, wanted: di
     on the background node) or another generator input would map this fit's features
     wrongly before RL, so it stops the job.
     Records that predate ``feature_source`` are taken as they are."""
-    if "feature_low" not in intensity or wanted["generator_input"] == "noise":  # noise uses no range
+    if wanted["generator_input"] == "noise":  # noise uses no range
         return None
+    if "feature_low" not in intensity:
+        group = make_plan(config).group_of(unit_id)
+        raise CiderError(
+            f"unit {unit_id}: {paths(config).intensity(group)} has no feature range (written "
+            "for restore.method rl?), and without one each tile would map its features on its "
+            "own; delete that file and rerun so the background job computes it"
+        )
     recorded = intensity.get("feature_source")
     if recorded is not None and recorded != wanted:
         group = make_plan(config).group_of(unit_id)
@@ -370,7 +377,8 @@ def _describe(source: dict) -> str:
 
 
 def run_fit(config: dict, batch_id: str) -> dict:
-    """Features, RL and the batched generator fit of one batch of same-shape tiles.
+    """Features, RL and the batched generator fit of one batch of same-shape tiles (with
+    ``restore.method: rl``: plain RL of each tile instead).
 
     Writes the restored padded tiles (``tiles/{batch}.npz``, one array per tile id) and
     their metrics (``metrics/{batch}.json``). The features cost ~1 % of the fit and are
@@ -378,7 +386,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
     """
     import torch
 
-    from ..fitting import fit_generators
+    from ..fitting import fit_generators, fit_rl
     from ..restore import resolve_device, to_data_units
 
     plan, p = make_plan(config), paths(config)
@@ -389,15 +397,20 @@ def run_fit(config: dict, batch_id: str) -> dict:
         raise RuntimeError(f"tile {sorted(failing)[0]}: failure injected through ${FAIL_ENV} (testing hook)")
     # What the features come from, hashed once per job: checked against each unit's
     # feature range and recorded in the metrics.
-    source = _feature_source(_restore_config(config))
+    rcfg = _restore_config(config)
+    source = _feature_source(rcfg)
     start = time.perf_counter()
     tiles, fits, prepared = [], [], []
     for one_pass in batch.passes:  # same-shape tiles, fitted together
         pass_tiles = [plan.tile(t) for t in one_pass]
-        inputs = [_tile_input(config, tile, source) for tile in pass_tiles]
-        pass_prepared = [i[0] for i in inputs]
         labels = [f"tile {t}" for t in one_pass]
-        fits += fit_generators([i[1] for i in inputs], pass_prepared, inputs[0][2], labels=labels)
+        if rcfg.method == "rl":  # the baseline: no features, one tile after another
+            pass_prepared = [_prepared_tile(config, tile)[0] for tile in pass_tiles]
+            fits += [fit_rl(prep, rcfg, label) for prep, label in zip(pass_prepared, labels)]
+        else:
+            inputs = [_tile_input(config, tile, source) for tile in pass_tiles]
+            pass_prepared = [i[0] for i in inputs]
+            fits += fit_generators([i[1] for i in inputs], pass_prepared, rcfg, labels=labels)
         tiles += pass_tiles
         prepared += pass_prepared
     seconds = round(time.perf_counter() - start, 2)
@@ -410,6 +423,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
             {
                 "tile": tile.id,
                 "batch": batch_id,
+                "method": rcfg.method,
                 "unit": tile.unit_id,
                 "padded": [list(w) for w in tile.padded],
                 "iterations": len(losses),
