@@ -329,3 +329,40 @@ def test_png_and_npy_inputs_are_copied_by_prepare(tmp_path):
         config["output_dir"] = str(tmp_path / pattern[2:])
         run_prepare(config)
         np.testing.assert_array_equal(np.asarray(unit_array(config, "u000")[...]), image)
+
+
+def test_the_large_run_bench_reads_every_rules_peak_from_the_benchmark_files(tmp_path):
+    """``bench/large_run.py`` takes each rule's largest max RSS over its jobs (Snakemake
+    ``benchmark:`` TSVs, rule folders or one file) and marks a rule over the limit."""
+    import sys
+
+    from .conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from large_run import markdown, peak_per_rule
+
+    header = "s\th:m:s\tmax_rss\tmax_vms\n"
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "fit" / "b0.tsv").write_text(header + "10.5\t0:00:10\t900.0\t1000\n")
+    (tmp_path / "fit" / "b1.tsv").write_text(header + "12.0\t0:00:12\t1100.5\t1200\n")
+    (tmp_path / "prepare.tsv").write_text(header + "3.0\t0:00:03\t250.0\t300\n")
+    rules = peak_per_rule(tmp_path)
+    assert rules == {
+        "fit": {"jobs": 2, "max_rss_mb": 1100.5, "seconds": 22.5},
+        "prepare": {"jobs": 1, "max_rss_mb": 250.0, "seconds": 3.0},
+    }
+    result = {
+        "machine": "m",
+        "shape": [4, 8, 8],
+        "float32_mb": 4096.0,
+        "tile_size": [2, 4, 4],
+        "fit": "rl",
+        "rss_limit_mb": 1024.0,
+        "rules": rules,
+        "wall_seconds": 1.0,
+        "input_seconds": 0.5,
+        "output": {"shape": [4, 8, 8], "finite": True},
+    }
+    table = markdown(result)
+    assert "| prepare | 1 | 250 | yes | 3.0 |" in table
+    assert table.index("| prepare") < table.index("| fit | 2 | 1100 | **no** | 22.5 |")

@@ -376,6 +376,45 @@ def _describe(source: dict) -> str:
     return f"generator_input {source.get('generator_input')} ({weights})"
 
 
+def _tile_record(tile: Tile, fit, batch_id: str, method: str, device) -> dict:
+    """One tile's fit metrics (the batch's ``seconds`` are shared out afterwards)."""
+    losses = fit.losses
+    return {
+        "tile": tile.id,
+        "batch": batch_id,
+        "method": method,
+        "unit": tile.unit_id,
+        "padded": [list(w) for w in tile.padded],
+        "iterations": len(losses),
+        "final_loss": losses[-1] if losses else None,
+        "chi2": fit.chi2 if math.isfinite(fit.chi2) else None,
+        "stopped": fit.stopped,
+        "flux_factor": fit.flux_factor,
+        "loss_history": losses[:: max(1, len(losses) // 200)],
+        "seconds": None,
+        "device": str(device),
+    }
+
+
+def _fit_pass(config: dict, rcfg, source: dict, tiles: list[Tile]):
+    """Yield ``(tile, fit, prepared)`` for one pass of same-shape tiles: their generators
+    fitted together, or (``restore.method: rl``) each tile's plain RL, one tile at a time
+    (so only one tile's input is held)."""
+    from ..fitting import fit_generators, fit_rl
+
+    labels = [f"tile {tile.id}" for tile in tiles]
+    if rcfg.method == "rl":  # the baseline: no features
+        for tile, label in zip(tiles, labels):
+            prepared = _prepared_tile(config, tile)[0]
+            yield tile, fit_rl(prepared, rcfg, label), prepared
+        return
+    inputs = [_tile_input(config, tile, source) for tile in tiles]
+    prepared = [i[0] for i in inputs]
+    fits = fit_generators([i[1] for i in inputs], prepared, rcfg, labels=labels)
+    del inputs
+    yield from zip(tiles, fits, prepared)
+
+
 def run_fit(config: dict, batch_id: str) -> dict:
     """Features, RL and the batched generator fit of one batch of same-shape tiles (with
     ``restore.method: rl``: plain RL of each tile instead).
@@ -386,7 +425,6 @@ def run_fit(config: dict, batch_id: str) -> dict:
     """
     import torch
 
-    from ..fitting import fit_generators, fit_rl
     from ..restore import resolve_device, to_data_units
 
     plan, p = make_plan(config), paths(config)
@@ -400,46 +438,21 @@ def run_fit(config: dict, batch_id: str) -> dict:
     rcfg = _restore_config(config)
     source = _feature_source(rcfg)
     start = time.perf_counter()
-    tiles, fits, prepared = [], [], []
+    restored, records, device = {}, [], None
     for one_pass in batch.passes:  # same-shape tiles, fitted together
         pass_tiles = [plan.tile(t) for t in one_pass]
-        labels = [f"tile {t}" for t in one_pass]
-        if rcfg.method == "rl":  # the baseline: no features, one tile after another
-            pass_prepared = [_prepared_tile(config, tile)[0] for tile in pass_tiles]
-            fits += [fit_rl(prep, rcfg, label) for prep, label in zip(pass_prepared, labels)]
-        else:
-            inputs = [_tile_input(config, tile, source) for tile in pass_tiles]
-            pass_prepared = [i[0] for i in inputs]
-            fits += fit_generators([i[1] for i in inputs], pass_prepared, rcfg, labels=labels)
-        tiles += pass_tiles
-        prepared += pass_prepared
+        for tile, fit, prep in _fit_pass(config, rcfg, source, pass_tiles):
+            # Kept in data units only: the pass's inputs go before the next pass starts.
+            restored[tile.id] = to_data_units(fit.estimate, prep)
+            device = prep.observation.device
+            records.append(_tile_record(tile, fit, batch_id, rcfg.method, device))
     seconds = round(time.perf_counter() - start, 2)
-    device = prepared[0].observation.device
-    restored, records = {}, []
-    for tile, fit, prep in zip(tiles, fits, prepared):
-        restored[tile.id] = to_data_units(fit.estimate, prep)
-        losses = fit.losses
-        records.append(
-            {
-                "tile": tile.id,
-                "batch": batch_id,
-                "method": rcfg.method,
-                "unit": tile.unit_id,
-                "padded": [list(w) for w in tile.padded],
-                "iterations": len(losses),
-                "final_loss": losses[-1] if losses else None,
-                "chi2": fit.chi2 if math.isfinite(fit.chi2) else None,
-                "stopped": fit.stopped,
-                "flux_factor": fit.flux_factor,
-                "loss_history": losses[:: max(1, len(losses) // 200)],
-                "seconds": round(seconds / len(tiles), 2),
-                "device": str(device),
-            }
-        )
+    for record in records:
+        record["seconds"] = round(seconds / len(records), 2)
     batch_record = {
         "batch": batch_id,
         "tiles": records,
-        "batch_size": len(tiles),
+        "batch_size": len(records),
         "passes": len(batch.passes),
         "seconds": seconds,
         "device": str(device),
