@@ -101,6 +101,8 @@ def test_rl_flag_restores_with_plain_rl_and_says_so(tmp_path, capsys):
     np.testing.assert_allclose(out.sum(), image.sum(), rtol=0.01)  # flux kept
     assert np.abs(out - plain).max() < 0.02 * plain.max()
     assert cli.main([*args, "--rl", "0"]) == 2 and "--rl must be ≥ 1" in capsys.readouterr().err
+    assert cli.main([*args, "--rl", "5", "--iterations", "100"]) == 2
+    assert "--iterations sets the generator fit, which --rl replaces" in capsys.readouterr().err
 
 
 def test_restore_png_with_gaussian_psf(tmp_path):

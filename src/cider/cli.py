@@ -47,7 +47,7 @@ def _restore(args: argparse.Namespace) -> int:
         print("cider restore: give a PSF with --psf FILE or --gaussian-sigma S", file=sys.stderr)
         return 2
     config = RestoreConfig(
-        iterations=args.iterations,
+        iterations=RestoreConfig.iterations if args.iterations is None else args.iterations,
         device=args.device,
         sparsity_weight=args.sparsity,
         hessian_weight=RestoreConfig.hessian_weight if args.hessian is None else args.hessian,
@@ -103,7 +103,9 @@ def _restore_refusal(args: argparse.Namespace) -> str | None:
     suffix = Path(args.output).suffix.lower()
     if args.rl is not None and args.rl < 1:
         return "--rl must be ≥ 1 (RL iterations)"
-    if args.iterations < 1:
+    if args.rl is not None and args.iterations is not None:
+        return "--iterations sets the generator fit, which --rl replaces: give the RL iterations as --rl N"
+    if args.iterations is not None and args.iterations < 1:
         return "--iterations must be ≥ 1 (0 would return an untrained generator)"
     if Path(args.output).resolve() == Path(args.input).resolve():
         return f"-o {args.output} is the input file; choose another output path"
@@ -209,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, help="output file: .tif, .png or .npy")
     r.add_argument("--psf", help="PSF file with the same number of axes as the image")
     r.add_argument("--gaussian-sigma", type=float, help="use a Gaussian PSF of this sigma (pixels) instead")
-    r.add_argument("--iterations", type=int, default=3000, help="generator fit iterations (default 3000)")
+    r.add_argument("--iterations", type=int, help="generator fit iterations (default 3000)")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     r.add_argument("--background", action="store_true", help="remove a wavelet background first")
     r.add_argument(
