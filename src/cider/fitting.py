@@ -101,6 +101,17 @@ def _is_flat(y: torch.Tensor) -> bool:
     return bool((y.amax() - y.amin()) <= 1e-7 * max(float(y.abs().amax()), 1e-30))
 
 
+def _flat_fit(prepared: Prepared) -> Fit | None:
+    """The result for a constant observation, or ``None``: it is the blur of the same
+    constant, so there is nothing to fit (and a flat target makes the SSIM gradient
+    degenerate)."""
+    y = prepared.observation
+    if not _is_flat(y):
+        return None
+    shape = tuple(n + k - 1 for n, k in zip(y.shape, prepared.psf.shape))
+    return Fit(torch.full(shape, float(y.flatten()[0]), device=y.device), [], 0.0, "flat")
+
+
 def fit_generator(
     features: torch.Tensor,
     prepared: Prepared,
@@ -169,12 +180,10 @@ def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> F
         The estimate; ``losses`` holds the χ² per pixel (in units of the noise variance)
         of the estimate each iteration started from, ``chi2`` the final estimate's.
     """
+    flat = _flat_fit(prepared)
+    if flat is not None:
+        return flat
     observation, psf = prepared.observation, prepared.psf
-    shape = tuple(n + k - 1 for n, k in zip(observation.shape, psf.shape))
-    if _is_flat(observation):
-        return Fit(
-            torch.full(shape, float(observation.flatten()[0]), device=observation.device), [], 0.0, "flat"
-        )
     losses: list[float] = []
 
     def chi2(blurred: torch.Tensor) -> float:
@@ -397,14 +406,7 @@ def fit_generators(
     if len(features) != len(prepared) or not prepared:
         raise CiderError(f"batched fit: {len(features)} feature arrays for {len(prepared)} observations")
     labels = list(labels) if labels is not None else [f"member {i}" for i in range(len(prepared))]
-    fits: list[Fit | None] = [None] * len(prepared)
-    for i, p in enumerate(prepared):
-        if _is_flat(p.observation):
-            # A constant observation is the blur of the same constant: nothing to fit (and a
-            # flat target makes the SSIM gradient degenerate).
-            shape = tuple(n + k - 1 for n, k in zip(p.observation.shape, p.psf.shape))
-            value = float(p.observation.flatten()[0])
-            fits[i] = Fit(torch.full(shape, value, device=p.observation.device), [], 0.0, "flat")
+    fits: list[Fit | None] = [_flat_fit(p) for p in prepared]
     active = [i for i, f in enumerate(fits) if f is None]
     if not active:
         return fits

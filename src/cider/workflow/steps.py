@@ -338,7 +338,7 @@ def _tile_input(config: dict, tile: Tile, source: dict):
 
     prepared, rcfg, intensity = _prepared_tile(config, tile)
     value_range = _feature_value_range(config, tile.unit_id, intensity, source)
-    return prepared, deconvolved_features(prepared, rcfg, value_range), rcfg
+    return prepared, deconvolved_features(prepared, rcfg, value_range)
 
 
 def _feature_value_range(config: dict, unit_id: str, intensity: dict, wanted: dict):
