@@ -114,6 +114,7 @@ def test_schema_restore_defaults_are_the_library_defaults():
     from cider import RestoreConfig
 
     restore = validate_config(_minimal())["restore"]
+    assert restore.pop("modality") == "brightfield"  # the pipeline's switch of two of them
     library = RestoreConfig()
     assert restore == {key: getattr(library, key) for key in restore}
 
@@ -370,6 +371,43 @@ def test_a_dataset_config_stands_alone(tmp_path):
     assert alone.returncode != 0 and "no config: give --configfile" in alone.stdout + alone.stderr
 
 
+@pytest.mark.parametrize(
+    "psf, restore, expected",
+    [
+        # fluorescence optics: the fluorescence settings (cider.FLUORESCENCE)
+        ({"model": "lightsheet"}, {}, ("fluorescence", 100.0, "stabilised")),
+        ({"model": "widefield"}, {}, ("fluorescence", 100.0, "stabilised")),
+        # a keyed setting wins over the modality's
+        ({"model": "widefield"}, {"data_weight": 0.0}, ("fluorescence", 0.0, "stabilised")),
+        # a measured or Gaussian PSF says nothing of the optics: the package defaults
+        ({"gaussian_sigma": 1.0}, {}, ("brightfield", 0.0, "intensity")),
+        ({"gaussian_sigma": 1.0}, {"modality": "fluorescence"}, ("fluorescence", 100.0, "stabilised")),
+        ({"model": "lightsheet"}, {"modality": "brightfield"}, ("brightfield", 0.0, "intensity")),
+    ],
+)
+def test_the_modality_sets_the_fluorescence_settings_unless_keyed(psf, restore, expected):
+    """restore.modality (auto: fluorescence for a widefield or light-sheet PSF model) fills
+    data_weight and hessian_domain; the resolved modality is what the config (and so the
+    output's provenance) holds; validating twice changes nothing; the fit gets the settings."""
+    from cider.workflow.steps import _restore_config
+
+    config = {
+        "name": "m",
+        "input": {"path": "v.tif", "axes": "ZYX", "voxel_size": [0.5, 0.2, 0.2]},
+        "psf": psf | ({"na": 0.8, "wavelength": 0.5, "size": [9, 15, 15]} if "model" in psf else {}),
+        "output_dir": "out",
+        "restore": restore,
+    }
+    if psf.get("model") == "lightsheet":
+        config["psf"]["sheet_thickness"] = 2.0
+    checked = validate_config(config)
+    r = checked["restore"]
+    assert (r["modality"], r["data_weight"], r["hessian_domain"]) == expected
+    assert validate_config(checked) == checked
+    fitted = _restore_config(checked)
+    assert (fitted.data_weight, fitted.hessian_domain) == expected[1:]
+
+
 def test_lint_and_format_are_clean():
     lint = subprocess.run(
         [*SNAKEMAKE, "--lint", "--configfile", "config/config.yaml"], cwd=ROOT, capture_output=True, text=True
@@ -404,6 +442,9 @@ def test_end_to_end_2d(tmp_path):
     made = group.attrs["cider"]
     assert made["settings"]["restore"]["iterations"] == 60 and made["input"] == "input"
     assert made["settings"]["restore"]["generator_input"] == "features"
+    assert made["settings"]["restore"]["modality"] == "brightfield"  # auto, Gaussian PSF
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert "modality brightfield (data_weight 0, hessian_domain intensity), 60 iterations" in page
     shipped = Path(cider.__file__).parent / "weights" / "features.pt"  # the default extractor, by content
     assert made["feature_weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
     metrics = (tmp_path / "out" / "work" / "metrics").glob("*.json")  # as the fit jobs recorded it
@@ -417,7 +458,7 @@ def test_end_to_end_2d(tmp_path):
     # Against a whole-image restore of the same data and settings: as good on the truth,
     # and no more different from it along the tile boundaries than inside the tiles.
     config_data = validate_config(yaml.safe_load(config.read_text()))
-    settings = {k: v for k, v in config_data["restore"].items() if k != "device"}
+    settings = {k: v for k, v in config_data["restore"].items() if k not in ("device", "modality")}
     psf = tifffile.imread(tmp_path / "psf.tif")
     whole = cider.restore(before, psf, cider.RestoreConfig(**settings, device="cpu")).restored
     assert gain > _psnr_gain(whole, before, tmp_path) - 0.5, (gain, _psnr_gain(whole, before, tmp_path))

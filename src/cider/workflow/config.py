@@ -9,9 +9,14 @@ from pathlib import Path
 import yaml
 
 from ..errors import CiderError
+from ..restore import FLUORESCENCE
 
 # Inside the package, so validation works from an installed wheel, not only a checkout.
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+# restore.modality → the restore settings it fills (the schema's defaults suit brightfield).
+MODALITY_SETTINGS = {"fluorescence": FLUORESCENCE, "brightfield": {}}
+# PSF models of fluorescence optics: with restore.modality auto they mean fluorescence.
+FLUORESCENCE_PSF_MODELS = ("widefield", "lightsheet")
 
 
 def _fill_defaults(schema: dict, data: dict) -> dict:
@@ -23,6 +28,19 @@ def _fill_defaults(schema: dict, data: dict) -> dict:
     return data
 
 
+def _apply_modality(config: dict) -> dict:
+    """Resolve ``restore.modality`` (``auto`` from ``psf.model``) and fill the settings it
+    implies that the config does not give. Malformed sections are left to the schema."""
+    restore, psf = config.get("restore", {}), config.get("psf", {})
+    if not isinstance(restore, dict) or not isinstance(psf, dict):
+        return config
+    modality = restore.get("modality", "auto")
+    if modality == "auto":
+        modality = "fluorescence" if psf.get("model") in FLUORESCENCE_PSF_MODELS else "brightfield"
+    config["restore"] = {**MODALITY_SETTINGS.get(modality, {}), **restore, "modality": modality}
+    return config
+
+
 @lru_cache(maxsize=1)
 def _schema() -> dict:
     return yaml.safe_load(SCHEMA.read_text())
@@ -30,6 +48,9 @@ def _schema() -> dict:
 
 def validate_config(config: dict, source: str = "config") -> dict:
     """Validate ``config`` against the schema, fill defaults, and return it.
+
+    ``restore.modality`` is resolved first (:func:`_apply_modality`), so that its settings
+    come before the schema's defaults and after the keys the config gives.
 
     Raises
     ------
@@ -39,7 +60,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     import jsonschema
 
     schema = _schema()
-    config = _fill_defaults(schema, deepcopy(dict(config)))
+    config = _fill_defaults(schema, _apply_modality(deepcopy(dict(config))))
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(config), key=lambda e: list(e.path))
     if errors:
         lines = []

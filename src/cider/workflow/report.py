@@ -314,6 +314,18 @@ def _view(unit: Unit, record: dict, tile_map: str) -> str:
     )
 
 
+def _settings_line(config: dict) -> str:
+    """The restore settings a reader checks first: method, modality and what it set."""
+    r = config["restore"]
+    if r["method"] == "rl":
+        return f"restore.method rl: plain Richardson–Lucy, {r['rl_iterations']} iterations per tile"
+    return (
+        f"restore.method cider, modality {r['modality']} (data_weight {r['data_weight']:g}, "
+        f"hessian_domain {r['hessian_domain']}), {r['iterations']} iterations per tile; "
+        "every setting is in the output's provenance"
+    )
+
+
 def _page(config, summary, records, flags, seams, views) -> str:
     flagged = set(flags)
     ordered = [r for r in records if r["tile"] in flagged] + [r for r in records if r["tile"] not in flagged]
@@ -336,6 +348,7 @@ def _page(config, summary, records, flags, seams, views) -> str:
         f"<h1>cider report: {name}</h1>"
         f"<p>{summary['tiles']} tiles, {len(flags)} flagged; {summary['fit_seconds_total']} s of fitting on "
         f"{html.escape(', '.join(summary['devices']))}. Outputs: {html.escape(', '.join(summary['outputs']))}</p>"
+        f"<p>{html.escape(_settings_line(config))}</p>"
         f"<p>Flags: <b>still improving</b> (the loss fell by more than {STILL_FALLING:.0%} of its total in the "
         f"last tenth of the iterations: more restore.iterations may help), <b>chi2 outlier</b> (χ² above "
         f"{CHI2_OUTLIER:g}× the run's median), <b>flux factor</b> (outside {FLUX_RANGE[0]}–{FLUX_RANGE[1]}), "

@@ -31,6 +31,7 @@ def _restore_config(config: dict, device: str | None = None):
     from ..restore import RestoreConfig
 
     r = dict(config["restore"])
+    r.pop("modality")  # already applied to the settings by validate_config
     r["device"] = device or r["device"]
     return RestoreConfig(normalize=True, **r)
 
