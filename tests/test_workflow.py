@@ -408,6 +408,49 @@ def test_the_modality_sets_the_fluorescence_settings_unless_keyed(psf, restore, 
     assert (fitted.data_weight, fitted.hessian_domain) == expected[1:]
 
 
+def test_the_report_warns_when_the_images_do_not_look_like_their_modality(tmp_path):
+    """Beads on a dark background restored as brightfield, and a bright field restored as
+    fluorescence, each get a 'Check' note naming the image and the modality to set; the
+    matching modality and plain RL get none."""
+    from cider.workflow import run_background, run_prepare
+    from cider.workflow.report import modality_notes
+
+    rng = np.random.default_rng(0)
+    dark = np.full((64, 64), 5.0)
+    dark[rng.integers(0, 64, 12), rng.integers(0, 64, 12)] = 400.0
+    bright = 200.0 - 150.0 * blobs((64, 64), 12, seed=1)
+    notes = {}
+    for name, image in (("dark", dark), ("bright", bright)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", rng.poisson(image).astype(np.uint16))
+        for modality in ("brightfield", "fluorescence"):
+            for method in ("cider", "rl"):
+                config = validate_config(
+                    {
+                        "name": "m",
+                        "input": {
+                            "path": str(tmp_path / f"{name}.tif"),
+                            "axes": "YX",
+                            "voxel_size": [0.2, 0.2],
+                        },
+                        "psf": {"gaussian_sigma": 1.0},
+                        "output_dir": str(tmp_path / f"{name}_{modality}_{method}"),
+                        "restore": {"modality": modality, "method": method},
+                    }
+                )
+                run_prepare(config)
+                run_background(config, "g0")
+                notes[name, modality, method] = modality_notes(config)
+    assert {key for key, found in notes.items() if found} == {
+        ("dark", "brightfield", "cider"),
+        ("bright", "fluorescence", "cider"),
+    }
+    (dark_note,) = notes["dark", "brightfield", "cider"]
+    assert "1 of 1 image(s) look like fluorescence" in dark_note and "u000" in dark_note
+    assert "set restore.modality: fluorescence" in dark_note
+    (bright_note,) = notes["bright", "fluorescence", "cider"]
+    assert "look like bright field" in bright_note and "set restore.modality: brightfield" in bright_note
+
+
 def test_lint_and_format_are_clean():
     lint = subprocess.run(
         [*SNAKEMAKE, "--lint", "--configfile", "config/config.yaml"], cwd=ROOT, capture_output=True, text=True

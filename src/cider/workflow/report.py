@@ -35,6 +35,12 @@ SEAM_LIMIT = 1.5  # a tile's boundary gradient ratio (output / input) above this
 CHI2_OUTLIER = 3.0  # a tile's χ² above this × the run's median: "chi2 outlier"
 FLUX_RANGE = (0.8, 1.25)  # a flux factor outside: "flux factor"
 STILL_FALLING = 0.01  # loss fell by more than this share of its total fall in the last tenth
+# An image's mean over its maximum (background-free data, the background job's record):
+# below FLUORESCENCE_LIKE it looks like fluorescence (dark background; 0.02-0.31 on the
+# benchmark volumes, flowdec, RedLionfish and the deconwolf DAPI image), above
+# BRIGHTFIELD_LIKE like bright field (0.74-0.88 on the IFCB images and the plankton scene).
+FLUORESCENCE_LIKE = 0.35
+BRIGHTFIELD_LIKE = 0.6
 COLOURS = {"ok": "#4caf50", "still improving": "#ff9800", "other": "#e53935"}
 
 
@@ -291,6 +297,7 @@ def run_report(config: dict) -> dict:
         "fit_seconds_total": round(sum(r["seconds"] for r in records), 1),
         "devices": sorted({r.get("device_name", r["device"]) for r in records}),
         "outputs": [str(p.image(n)) for n in plan.names],
+        "notes": modality_notes(config),
     }
     page = _page(config, summary, records, flags, seams, views)
     io.atomic_write_json(folder / "summary.json", summary)
@@ -298,6 +305,43 @@ def run_report(config: dict) -> dict:
     tmp.write_text(page)
     os.replace(tmp, p.report())
     return summary
+
+
+def modality_notes(config: dict) -> list[str]:
+    """Warnings when the images do not look like ``restore.modality`` says they are.
+
+    The modality sets the data term and the Hessian's domain; the wrong one costs 1.0-2.9
+    dB (bench/README.md, "The data term per modality"). Judged per image by its mean over
+    its maximum (:data:`FLUORESCENCE_LIKE`, :data:`BRIGHTFIELD_LIKE`); none for
+    ``restore.method: rl``, which the modality does not change.
+    """
+    import json
+
+    restore = config["restore"]
+    if restore["method"] == "rl":
+        return []
+    plan, p = make_plan(config), paths(config)
+    ratios = {}
+    for group in sorted({plan.group_of(u.id) for u in plan.units}):
+        if not p.intensity(group).exists():  # tiles written without the background job (tests)
+            continue
+        for unit_id, record in json.loads(p.intensity(group).read_text())["units"].items():
+            ratios[unit_id] = record["mean"] / record["scale"]
+    if restore["modality"] == "brightfield":
+        odd = {u: r for u, r in ratios.items() if r < FLUORESCENCE_LIKE}
+        looks, should, cost = "fluorescence (a dark background)", "fluorescence", "1.0-2.4"
+    else:
+        odd = {u: r for u, r in ratios.items() if r > BRIGHTFIELD_LIKE}
+        looks, should, cost = "bright field (a bright background)", "brightfield", "2.4-2.9"
+    if not odd:
+        return []
+    first = ", ".join(f"{u} {100 * r:.0f} %" for u, r in list(odd.items())[:3])
+    return [
+        f"{len(odd)} of {len(ratios)} image(s) look like {looks}: mean {first} of the maximum "
+        f"(after background removal, if on), but restore.modality is {restore['modality']}. "
+        f"On such data the {restore['modality']} settings cost {cost} dB on the benchmarks; "
+        f"if this is {should} data, set restore.modality: {should} and rerun the fit jobs."
+    ]
 
 
 def _view(unit: Unit, record: dict, tile_map: str) -> str:
@@ -343,12 +387,15 @@ def _page(config, summary, records, flags, seams, views) -> str:
         if config["restore"]["method"] == "rl"
         else ""
     )
+    checks = "".join(
+        f"<p style='background:#ffe0b2'><b>Check:</b> {html.escape(n)}</p>" for n in summary["notes"]
+    )
     return (
         f"<html><head><meta charset='utf-8'><title>cider report: {name}</title></head><body>"
         f"<h1>cider report: {name}</h1>"
         f"<p>{summary['tiles']} tiles, {len(flags)} flagged; {summary['fit_seconds_total']} s of fitting on "
         f"{html.escape(', '.join(summary['devices']))}. Outputs: {html.escape(', '.join(summary['outputs']))}</p>"
-        f"<p>{html.escape(_settings_line(config))}</p>"
+        f"<p>{html.escape(_settings_line(config))}</p>{checks}"
         f"<p>Flags: <b>still improving</b> (the loss fell by more than {STILL_FALLING:.0%} of its total in the "
         f"last tenth of the iterations: more restore.iterations may help), <b>chi2 outlier</b> (χ² above "
         f"{CHI2_OUTLIER:g}× the run's median), <b>flux factor</b> (outside {FLUX_RANGE[0]}–{FLUX_RANGE[1]}), "
