@@ -79,9 +79,17 @@ def test_fluorescence_flag_sets_the_fluorescence_settings_and_says_so(tmp_path, 
     tifffile.imwrite(tmp_path / "in.tif", image.astype(np.float32))
     args = ["restore", str(tmp_path / "in.tif"), "--gaussian-sigma", "1.2", "-o", str(tmp_path / "out.tif")]
     assert cli.main([*args, "--iterations", "3", "--quiet", "--fluorescence"]) == 0
-    settings = json.loads(capsys.readouterr().out)["settings"]
+    said = capsys.readouterr()
+    settings = json.loads(said.out)["settings"]
     assert settings["data_weight"] == 100.0 and settings["hessian_domain"] == "stabilised"
     assert settings["background"]["enabled"] is True and settings["iterations"] == 3
+    assert "looks like" not in said.err
+    # the same dark-background image without the flag, and a bright field with it: a hint
+    assert cli.main([*args, "--iterations", "3", "--quiet"]) == 0
+    assert "the image looks like fluorescence (mean" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "in.tif", (1.2 - image).astype(np.float32))
+    assert cli.main([*args, "--iterations", "3", "--quiet", "--fluorescence"]) == 0
+    assert "the image looks like bright field (mean" in capsys.readouterr().err
 
 
 def test_rl_flag_restores_with_plain_rl_and_says_so(tmp_path, capsys):

@@ -27,6 +27,29 @@ examples:
 """
 
 
+def _hint_modality(image, args: argparse.Namespace) -> None:
+    """Say so when the image does not look like the settings chosen (dark background
+    without ``--fluorescence``, bright field with it); plain RL is not affected."""
+    from .restore import looks_like
+
+    if args.rl is not None:
+        return
+    looks = looks_like(float(image.mean()), float(image.max()))
+    ratio = f"mean {100 * image.mean() / max(float(image.max()), 1e-30):.0f} % of the maximum"
+    if looks == "fluorescence" and not args.fluorescence:
+        print(
+            f"cider restore: the image looks like fluorescence ({ratio}); --fluorescence restored such "
+            "data 1.0-2.4 dB better on the benchmarks",
+            file=sys.stderr,
+        )
+    elif looks == "brightfield" and args.fluorescence:
+        print(
+            f"cider restore: the image looks like bright field ({ratio}); on such data --fluorescence "
+            "fits the noise (-2.4 to -2.9 dB on the benchmarks): leave it out",
+            file=sys.stderr,
+        )
+
+
 def _restore(args: argparse.Namespace) -> int:
     from . import io
     from .psf import clean_psf, gaussian_psf
@@ -60,6 +83,7 @@ def _restore(args: argparse.Namespace) -> int:
         config = config.with_(**FLUORESCENCE, background={"enabled": True})
     if args.rl is not None:
         config = config.with_(method="rl", rl_iterations=args.rl)
+    _hint_modality(image, args)
     result = restore(image, psf, config)
     restored, text = result.restored, None
     if Path(args.output).suffix.lower() == ".png":

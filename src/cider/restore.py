@@ -58,6 +58,7 @@ __all__ = [
     "validate_image",
     "to_data_units",
     "intensity_scale",
+    "looks_like",
 ]
 
 METHODS = ("cider", "rl")
@@ -71,6 +72,22 @@ KEEP_BEST_BY = ("loss", "block")
 # bench/README.md ("The data term per modality", "Variance-stabilised Hessian"); the
 # defaults suit bright-field and natural images. Use as ``RestoreConfig(**FLUORESCENCE)``.
 FLUORESCENCE = {"data_weight": 100.0, "hessian_domain": "stabilised"}
+# An image's mean over its maximum: below FLUORESCENCE_LIKE it looks like fluorescence (a
+# dark background; 0.02-0.31 on the benchmark volumes, flowdec, RedLionfish and the
+# deconwolf DAPI image), above BRIGHTFIELD_LIKE like bright field (0.74-0.88 on the IFCB
+# images and the synthetic plankton scene).
+FLUORESCENCE_LIKE = 0.35
+BRIGHTFIELD_LIKE = 0.6
+
+
+def looks_like(mean: float, maximum: float) -> str | None:
+    """``"fluorescence"``, ``"brightfield"`` or ``None`` (can't tell) from an image's mean
+    and maximum (after background removal, if any): the check behind the hints that the
+    settings may not suit the data (``FLUORESCENCE`` or the defaults)."""
+    ratio = mean / maximum if maximum > 0 else 0.0
+    if ratio < FLUORESCENCE_LIKE:
+        return "fluorescence"
+    return "brightfield" if ratio > BRIGHTFIELD_LIKE else None
 
 
 @dataclass(frozen=True)

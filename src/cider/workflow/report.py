@@ -35,12 +35,6 @@ SEAM_LIMIT = 1.5  # a tile's boundary gradient ratio (output / input) above this
 CHI2_OUTLIER = 3.0  # a tile's χ² above this × the run's median: "chi2 outlier"
 FLUX_RANGE = (0.8, 1.25)  # a flux factor outside: "flux factor"
 STILL_FALLING = 0.01  # loss fell by more than this share of its total fall in the last tenth
-# An image's mean over its maximum (background-free data, the background job's record):
-# below FLUORESCENCE_LIKE it looks like fluorescence (dark background; 0.02-0.31 on the
-# benchmark volumes, flowdec, RedLionfish and the deconwolf DAPI image), above
-# BRIGHTFIELD_LIKE like bright field (0.74-0.88 on the IFCB images and the plankton scene).
-FLUORESCENCE_LIKE = 0.35
-BRIGHTFIELD_LIKE = 0.6
 COLOURS = {"ok": "#4caf50", "still improving": "#ff9800", "other": "#e53935"}
 
 
@@ -311,11 +305,14 @@ def modality_notes(config: dict) -> list[str]:
     """Warnings when the images do not look like ``restore.modality`` says they are.
 
     The modality sets the data term and the Hessian's domain; the wrong one costs 1.0-2.9
-    dB (bench/README.md, "The data term per modality"). Judged per image by its mean over
-    its maximum (:data:`FLUORESCENCE_LIKE`, :data:`BRIGHTFIELD_LIKE`); none for
-    ``restore.method: rl``, which the modality does not change.
+    dB (bench/README.md, "The data term per modality"). Judged per image by
+    :func:`cider.restore.looks_like` on the background job's record (mean and maximum of
+    the background-free data); none for ``restore.method: rl``, which the modality does
+    not change.
     """
     import json
+
+    from ..restore import looks_like
 
     restore = config["restore"]
     if restore["method"] == "rl":
@@ -326,13 +323,13 @@ def modality_notes(config: dict) -> list[str]:
         if not p.intensity(group).exists():  # tiles written without the background job (tests)
             continue
         for unit_id, record in json.loads(p.intensity(group).read_text())["units"].items():
-            ratios[unit_id] = record["mean"] / record["scale"]
-    if restore["modality"] == "brightfield":
-        odd = {u: r for u, r in ratios.items() if r < FLUORESCENCE_LIKE}
-        looks, should, cost = "fluorescence (a dark background)", "fluorescence", "1.0-2.4"
+            ratios[unit_id] = (record["mean"], record["scale"])
+    should = "fluorescence" if restore["modality"] == "brightfield" else "brightfield"
+    odd = {u: mean / high for u, (mean, high) in ratios.items() if looks_like(mean, high) == should}
+    if should == "fluorescence":
+        looks, cost = "fluorescence (a dark background)", "1.0-2.4"
     else:
-        odd = {u: r for u, r in ratios.items() if r > BRIGHTFIELD_LIKE}
-        looks, should, cost = "bright field (a bright background)", "brightfield", "2.4-2.9"
+        looks, cost = "bright field (a bright background)", "2.4-2.9"
     if not odd:
         return []
     first = ", ".join(f"{u} {100 * r:.0f} %" for u, r in list(odd.items())[:3])
