@@ -92,6 +92,50 @@ def test_fluorescence_flag_sets_the_fluorescence_settings_and_says_so(tmp_path, 
     assert "the image looks like bright field (mean" in capsys.readouterr().err
 
 
+def test_voxel_sizes_reach_the_fit_and_the_psf_and_the_output_records_them(tmp_path, capsys):
+    """A z step 2.5× xy (--voxel) and a bead PSF sampled at half the image's z step
+    (--psf-voxel): the PSF is resampled (said), the fit gets the voxel size (equal to the
+    library's restore with it), and the TIFF's ImageDescription holds every setting."""
+    from cider import RestoreConfig, restore
+    from cider.psf import clean_psf
+
+    volume = blobs((10, 24, 24), 8).astype(np.float32) + 0.05
+    bead = gaussian_psf([2.4, 1.0, 1.0], size=[13, 7, 7])  # z sampled at 0.25 µm
+    tifffile.imwrite(tmp_path / "in.tif", volume)
+    tifffile.imwrite(tmp_path / "psf.tif", bead.astype(np.float32))
+    voxel, psf_voxel = ["0.5", "0.2", "0.2"], ["0.25", "0.2", "0.2"]
+    args = ["restore", str(tmp_path / "in.tif"), "--psf", str(tmp_path / "psf.tif"), "--iterations", "3"]
+    code = cli.main(
+        [*args, "--voxel", *voxel, "--psf-voxel", *psf_voxel, "-o", str(tmp_path / "out.tif"), "--quiet"]
+    )
+    assert code == 0
+    assert (
+        "resampled from voxel size (0.25, 0.2, 0.2) to the image's (0.5, 0.2, 0.2)" in capsys.readouterr().err
+    )
+    psf, _ = clean_psf(
+        bead.astype(np.float32), psf_voxel_size=[0.25, 0.2, 0.2], image_voxel_size=[0.5, 0.2, 0.2]
+    )
+    expected = restore(volume, psf, RestoreConfig(iterations=3), voxel_size=[0.5, 0.2, 0.2]).restored
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), expected.astype(np.float32))
+        made = json.loads(tif.pages[0].description)["cider"]
+    assert made["voxel_size"] == [0.5, 0.2, 0.2] and made["psf_voxel_size"] == [0.25, 0.2, 0.2]
+    assert made["settings"]["iterations"] == 3 and made["settings"]["hessian_domain"] == "intensity"
+    assert made["psf"] == str(tmp_path / "psf.tif") and any("resampled" in n for n in made["psf_notes"])
+    # a PNG keeps the same record in its 'cider' text chunk
+    image = (blobs((32, 32), 6) * 200 + 10).astype(np.uint8)
+    io.write_image(tmp_path / "in.png", image)
+    png = ["restore", str(tmp_path / "in.png"), "--gaussian-sigma", "1", "--iterations", "2", "--quiet"]
+    assert cli.main([*png, "-o", str(tmp_path / "out.png")]) == 0
+    from PIL import Image
+
+    made = json.loads(Image.open(tmp_path / "out.png").text["cider"])["cider"]
+    assert made["psf"] == "gaussian sigma 1.0 px" and made["voxel_size"] is None
+    # a 3D voxel size for a 2D image is refused before any work
+    assert cli.main([*png, "--voxel", *voxel, "-o", str(tmp_path / "again.png")]) == 2
+    assert "--voxel has 3 sizes for a 2D image" in capsys.readouterr().err
+
+
 def test_rl_flag_restores_with_plain_rl_and_says_so(tmp_path, capsys):
     from cider import richardson_lucy
 
@@ -170,6 +214,11 @@ def test_psf_command_writes_normalised_psf(tmp_path):
         (["--psf", "PSF"], "give --psf FILE or --gaussian-sigma S, not both"),
         (["--device", "gpu0"], "'gpu0' is not a device name"),
         (["-o", "UNDER_A_FILE"], "cannot be created"),
+        (
+            ["--psf-voxel", "0.1"],
+            "--psf-voxel is the sampling of a --psf file: give --psf and the image's --voxel",
+        ),
+        (["--voxel", "0.1"], "--voxel 0.1: give 2 or 3 positive sizes"),
     ],
 )
 def test_restore_refuses_bad_requests_before_any_work(tmp_path, capsys, extra, message):

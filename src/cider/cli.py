@@ -21,6 +21,7 @@ examples:
   cider restore cells.png --gaussian-sigma 1.5 --iterations 500 -o restored.png
   cider restore stack.tif --psf psf.tif --background --sparsity 0.5 -o restored.tif
   cider restore beads.tif --psf psf.tif --fluorescence -o restored.tif
+  cider restore stack.tif --psf bead.tif --voxel 0.5 0.2 0.2 --psf-voxel 0.25 0.1 0.1 --fluorescence -o out.tif
   cider psf --gaussian 1.5 -o psf.tif
   cider psf --widefield --na 1.4 --wavelength 0.52 --voxel 0.3 0.1 0.1 --shape 31 31 31 -o psf.tif
   cider train-features --data ../shared/data/train400 -o features.pt
@@ -60,9 +61,18 @@ def _restore(args: argparse.Namespace) -> int:
         print(f"cider restore: {refusal}", file=sys.stderr)
         return 2
     image = io.read_image(args.input)
+    if args.voxel and len(args.voxel) != image.ndim:
+        print(f"cider restore: --voxel has {len(args.voxel)} sizes for a {image.ndim}D image", file=sys.stderr)
+        return 2
+    psf_notes: list[str] = []
     if args.psf:
-        psf, notes = clean_psf(io.read_psf(args.psf), name=f"--psf {args.psf}")
-        for note in notes:
+        psf, psf_notes = clean_psf(
+            io.read_psf(args.psf),
+            name=f"--psf {args.psf}",
+            psf_voxel_size=args.psf_voxel,
+            image_voxel_size=args.voxel if args.psf_voxel else None,
+        )
+        for note in psf_notes:
             print(f"cider restore: {note}", file=sys.stderr)
     elif args.gaussian_sigma is not None:
         psf = gaussian_psf(args.gaussian_sigma, ndim=image.ndim)
@@ -84,13 +94,19 @@ def _restore(args: argparse.Namespace) -> int:
     if args.rl is not None:
         config = config.with_(method="rl", rl_iterations=args.rl)
     _hint_modality(image, args)
-    result = restore(image, psf, config)
+    result = restore(image, psf, config, voxel_size=args.voxel)
     restored, text = result.restored, None
-    if Path(args.output).suffix.lower() == ".png":
+    suffix = Path(args.output).suffix.lower()
+    if suffix == ".png":
         restored, text, notes = io.png_values(restored, image.dtype)
         for note in notes:
             print(f"cider restore: {note}", file=sys.stderr)
-    io.write_image(args.output, restored, text=text)
+    elif suffix == ".npy":
+        print(
+            "cider restore: an NPY file holds no metadata: the settings are in the JSON below",
+            file=sys.stderr,
+        )
+    io.write_image(args.output, restored, text=text, provenance=_provenance(args, config, psf_notes))
     summary = {
         "output": str(args.output),
         "device": result.device,
@@ -103,6 +119,27 @@ def _restore(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def _provenance(args: argparse.Namespace, config, psf_notes: list[str]) -> dict:
+    """How the output was made, stored in it (TIFF ImageDescription, PNG text): as the
+    pipeline's outputs, every setting with its value, the PSF and what cleaning it changed."""
+    from dataclasses import asdict
+
+    from . import __version__
+
+    settings = {key: value for key, value in asdict(config).items() if key != "progress"}
+    made = {
+        "software": "cider-pipeline",
+        "version": __version__,
+        "input": str(args.input),
+        "psf": args.psf or f"gaussian sigma {args.gaussian_sigma} px",
+        "psf_notes": psf_notes,
+        "voxel_size": args.voxel,
+        "psf_voxel_size": args.psf_voxel,
+        "settings": settings,
+    }
+    return json.loads(json.dumps(made, default=str))
 
 
 def _changed_settings(config) -> dict:
@@ -143,6 +180,11 @@ def _restore_refusal(args: argparse.Namespace) -> str | None:
         return "give --psf FILE or --gaussian-sigma S, not both"
     if args.gaussian_sigma is not None and args.gaussian_sigma <= 0:
         return f"--gaussian-sigma must be > 0 (pixels), got {args.gaussian_sigma}"
+    if args.psf_voxel and not (args.voxel and args.psf):
+        return "--psf-voxel is the sampling of a --psf file: give --psf and the image's --voxel too"
+    for flag, values in (("--voxel", args.voxel), ("--psf-voxel", args.psf_voxel)):
+        if values is not None and (len(values) not in (2, 3) or min(values) <= 0):
+            return f"{flag} {' '.join(map(str, values))}: give 2 or 3 positive sizes (µm; Z Y X or Y X)"
     try:
         resolve_device(args.device)
     except CiderError as err:
@@ -235,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, help="output file: .tif, .png or .npy")
     r.add_argument("--psf", help="PSF file with the same number of axes as the image")
     r.add_argument("--gaussian-sigma", type=float, help="use a Gaussian PSF of this sigma (pixels) instead")
+    r.add_argument(
+        "--voxel",
+        type=float,
+        nargs="+",
+        metavar="SIZE",
+        help="the image's voxel size in µm (Z Y X or Y X): the priors then measure physical "
+        "curvature, so z is not the axis smoothed most (light-sheet z steps are 2-5x xy)",
+    )
+    r.add_argument(
+        "--psf-voxel",
+        type=float,
+        nargs="+",
+        metavar="SIZE",
+        help="the --psf file's voxel size in µm when it differs from --voxel (it is resampled)",
+    )
     r.add_argument("--iterations", type=int, help="generator fit iterations (default 3000)")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     r.add_argument("--background", action="store_true", help="remove a wavelet background first")

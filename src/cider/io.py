@@ -221,13 +221,22 @@ def read_psf(path: str | Path) -> np.ndarray:
     return read_image(path, what="psf")
 
 
-def write_image(path: str | Path, array: np.ndarray, text: dict[str, str] | None = None) -> None:
+def write_image(
+    path: str | Path,
+    array: np.ndarray,
+    text: dict[str, str] | None = None,
+    provenance: dict | None = None,
+) -> None:
     """Write an image atomically: TIFF (float32 kept), PNG (8/16-bit integers only), NPY.
 
     ``text`` goes into PNG text chunks (e.g. the scaling of :func:`png_values`).
+    ``provenance`` (how the image was made, JSON-ready) goes, as ``{"cider": provenance}``
+    JSON, into the TIFF's ImageDescription (as the pipeline's outputs) or the PNG text
+    chunk ``cider``; an NPY file has no place for it.
     Raises ``ValueError`` for data a PNG cannot hold unchanged (floats): nothing is
     clipped or rounded silently.
     """
+    made = json.dumps({"cider": provenance}) if provenance is not None else None
     path = Path(path)
     suffix = path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +244,7 @@ def write_image(path: str | Path, array: np.ndarray, text: dict[str, str] | None
     if suffix in (".tif", ".tiff"):
         import tifffile
 
-        tifffile.imwrite(tmp, np.asarray(array))
+        tifffile.imwrite(tmp, np.asarray(array), description=made)
     elif suffix == ".npy":
         np.save(tmp, np.asarray(array))
     elif suffix == ".png":
@@ -250,6 +259,8 @@ def write_image(path: str | Path, array: np.ndarray, text: dict[str, str] | None
         info = PngImagePlugin.PngInfo()
         for key, value in (text or {}).items():
             info.add_text(key, value)
+        if made is not None:
+            info.add_text("cider", made)
         Image.fromarray(array).save(tmp, pnginfo=info)
     else:
         raise ValueError(f"output: unsupported format {path.suffix!r} for {path}; use .tif, .png or .npy")
