@@ -108,3 +108,37 @@ def test_unwritable_output_locations_are_refused_without_creating_them(tmp_path)
         locked.mkdir(mode=0o555)
         with pytest.raises(ValueError, match=r"cannot write in .*locked"):
             io.check_writable(locked / "out", "output_dir")
+
+
+def test_files_state_their_voxel_size_in_micrometres(tmp_path):
+    """OME-TIFF (nm converted), calibrated ImageJ TIFF, OME-Zarr: the voxel size they state;
+    a plain TIFF, an uncalibrated ImageJ TIFF and a PNG state nothing."""
+    volume = np.zeros((4, 8, 8), np.uint16)
+    tifffile.imwrite(
+        tmp_path / "ome.ome.tif",
+        volume,
+        ome=True,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeZ": 500,
+            "PhysicalSizeZUnit": "nm",
+            "PhysicalSizeY": 0.2,
+            "PhysicalSizeX": 0.2,
+        },
+    )
+    tifffile.imwrite(
+        tmp_path / "ij.tif",
+        volume,
+        imagej=True,
+        resolution=(1 / 0.25, 1 / 0.25),
+        metadata={"spacing": 1.5, "unit": "um"},
+    )
+    tifffile.imwrite(tmp_path / "ij_pixels.tif", volume, imagej=True)
+    tifffile.imwrite(tmp_path / "plain.tif", volume)
+    io.write_ome_zarr(tmp_path / "v.ome.zarr", volume.astype(np.float32), "ZYX", [0.4, 0.1, 0.1], levels=2)
+    io.write_image(tmp_path / "a.png", volume[0])
+    assert io.voxel_size_of(tmp_path / "ome.ome.tif") == pytest.approx({"z": 0.5, "y": 0.2, "x": 0.2})
+    assert io.voxel_size_of(tmp_path / "ij.tif") == pytest.approx({"z": 1.5, "y": 0.25, "x": 0.25})
+    assert io.voxel_size_of(tmp_path / "v.ome.zarr") == pytest.approx({"z": 0.4, "y": 0.1, "x": 0.1})
+    for name in ("ij_pixels.tif", "plain.tif", "a.png"):
+        assert io.voxel_size_of(tmp_path / name) == {}, name

@@ -451,6 +451,44 @@ def test_the_report_warns_when_the_images_do_not_look_like_their_modality(tmp_pa
     assert "look like bright field" in bright_note and "set restore.modality: brightfield" in bright_note
 
 
+def test_an_input_whose_metadata_state_another_voxel_size_is_refused(tmp_path, capsys):
+    """An OME-TIFF stating z 0.5 µm against input.voxel_size z 1.0: prepare stops naming the
+    file, both sizes and the two ways out; matching metadata or check_voxel_size false run.
+    A PSF file stating another sampling is used on the image grid, and that is said."""
+    from cider.workflow import make_psf, run_prepare
+
+    volume = (np.random.default_rng(0).poisson(50, (12, 32, 32)) + 100).astype(np.uint16)
+    metadata = {"axes": "ZYX", "PhysicalSizeZ": 0.5, "PhysicalSizeY": 0.2, "PhysicalSizeX": 0.2}
+    tifffile.imwrite(tmp_path / "v.ome.tif", volume, ome=True, metadata=metadata)
+    config = {
+        "name": "vox",
+        "input": {"path": str(tmp_path / "v.ome.tif"), "axes": "ZYX", "voxel_size": [1.0, 0.2, 0.2]},
+        "psf": {"gaussian_sigma": [0.6, 1.0, 1.0]},
+        "output_dir": str(tmp_path / "out"),
+        "tiling": {"tile_size": [12, 32, 32]},
+    }
+    with pytest.raises(CiderError) as refused:
+        run_prepare(validate_config(config))
+    message = str(refused.value)
+    assert "v.ome.tif: its metadata state a voxel size of z 0.5, y 0.2, x 0.2 µm" in message
+    assert "'input.voxel_size' is [1.0, 0.2, 0.2]" in message and "input.check_voxel_size: false" in message
+    run_prepare(validate_config(config | {"input": config["input"] | {"check_voxel_size": False}}))
+    run_prepare(validate_config(config | {"input": config["input"] | {"voxel_size": [0.5, 0.2, 0.2]}}))
+
+    bead = gaussian_psf([1.0, 1.0, 1.0], size=[7, 7, 7]).astype(np.float32)
+    tifffile.imwrite(
+        tmp_path / "psf.tif", bead, imagej=True, resolution=(10, 10), metadata={"spacing": 0.1, "unit": "um"}
+    )
+    capsys.readouterr()
+    make_psf(validate_config(config | {"psf": {"file": str(tmp_path / "psf.tif")}}), 3)
+    note = capsys.readouterr().err
+    assert (
+        "psf.tif): the file states a voxel size of z 0.1, y 0.1, x 0.1 µm, the images' is [1.0, 0.2, 0.2]"
+        in note
+    )
+    assert "set psf.voxel_size to it" in note
+
+
 def test_lint_and_format_are_clean():
     lint = subprocess.run(
         [*SNAKEMAKE, "--lint", "--configfile", "config/config.yaml"], cwd=ROOT, capture_output=True, text=True

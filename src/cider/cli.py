@@ -62,7 +62,9 @@ def _restore(args: argparse.Namespace) -> int:
         return 2
     image = io.read_image(args.input)
     if args.voxel and len(args.voxel) != image.ndim:
-        print(f"cider restore: --voxel has {len(args.voxel)} sizes for a {image.ndim}D image", file=sys.stderr)
+        print(
+            f"cider restore: --voxel has {len(args.voxel)} sizes for a {image.ndim}D image", file=sys.stderr
+        )
         return 2
     psf_notes: list[str] = []
     if args.psf:

@@ -25,6 +25,7 @@ __all__ = [
     "atomic_write_json",
     "write_ome_zarr",
     "open_array",
+    "voxel_size_of",
 ]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
@@ -70,6 +71,93 @@ def open_array(path: str | Path, what: str = "image"):
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{what}: cannot read {path}: {err}") from err
     raise ValueError(f"{what}: unsupported format {path.suffix!r} for {path}; use one of {IMAGE_SUFFIXES}")
+
+
+# Length units of image metadata → µm (OME: UnitsLength symbols; NGFF: UDUNITS names; ImageJ).
+MICRONS_PER_UNIT = {
+    "µm": 1.0,
+    "\u03bcm": 1.0,  # Greek mu, as some writers use
+    "um": 1.0,
+    "micron": 1.0,
+    "micrometer": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "mm": 1e3,
+    "millimeter": 1e3,
+}
+
+
+def voxel_size_of(path: str | Path) -> dict[str, float]:
+    """The voxel size an image file states about itself, in µm by axis (``"z"``, ``"y"``,
+    ``"x"``); only the axes it states with a length unit (empty: nothing stated).
+
+    Read from an OME-TIFF's OME-XML (``PhysicalSize*``), an ImageJ TIFF's calibration
+    (``unit``, ``spacing`` and the X/YResolution tags) or an OME-Zarr's first multiscale
+    level (axis units and ``scale``). PNG and NPY state nothing.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            return _tiff_voxel_size(path)
+        if suffix == ".zarr" or (path.is_dir() and (path / "zarr.json").exists()):
+            return _ome_zarr_voxel_size(path)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
+        return {}  # unreadable or malformed metadata state nothing; the data are checked elsewhere
+    return {}
+
+
+def _tiff_voxel_size(path: Path) -> dict[str, float]:
+    import xml.etree.ElementTree as ElementTree
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if tif.is_ome and tif.ome_metadata:
+            pixels = next(
+                e for e in ElementTree.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels")
+            )
+            found = {}
+            for axis in "ZYX":
+                value = pixels.get(f"PhysicalSize{axis}")
+                factor = MICRONS_PER_UNIT.get(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+                if value is not None and factor is not None:
+                    found[axis.lower()] = float(value) * factor
+            return found
+        meta = tif.imagej_metadata if tif.is_imagej else None
+        factor = MICRONS_PER_UNIT.get(str((meta or {}).get("unit", "")).strip())
+        if factor is None:  # an uncalibrated ImageJ TIFF (pixels) or a plain TIFF
+            return {}
+        found = {}
+        tags = tif.pages[0].tags
+        for axis, tag in (("y", "YResolution"), ("x", "XResolution")):
+            if tag in tags:
+                numerator, denominator = tags[tag].value  # pixels per unit
+                found[axis] = factor * denominator / numerator
+        if "spacing" in meta:
+            found["z"] = factor * float(meta["spacing"])
+        return found
+
+
+def _ome_zarr_voxel_size(path: Path) -> dict[str, float]:
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if not isinstance(node, zarr.Group):
+        return {}
+    multiscales = node.attrs.get("ome", node.attrs).get("multiscales")
+    if not multiscales:
+        return {}
+    axes = multiscales[0]["axes"]
+    scale = next(
+        t["scale"] for t in multiscales[0]["datasets"][0]["coordinateTransformations"] if t["type"] == "scale"
+    )
+    found = {}
+    for axis, step in zip(axes, scale):
+        factor = MICRONS_PER_UNIT.get(axis.get("unit", "")) if isinstance(axis, dict) else None
+        if factor is not None and axis.get("type") == "space" and axis["name"] in ("z", "y", "x"):
+            found[axis["name"]] = float(step) * factor
+    return found
 
 
 PNG_GREY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")

@@ -55,6 +55,8 @@ def _cached_psf(key: str, ndim: int) -> np.ndarray:
             recentre=spec["recentre"],
             energy=spec["energy"],
         )
+        if psf_voxel is None and voxel is not None:
+            notes += _unstated_sampling(name, spec["file"], voxel)
         for note in notes:
             print(f"cider: {note}", file=sys.stderr)
         return psf
@@ -84,3 +86,19 @@ def _cached_psf(key: str, ndim: int) -> np.ndarray:
     if sigma is None:
         raise CiderError("config key 'psf': give one of 'file', 'gaussian_sigma' or 'model'")
     return gaussian_psf(sigma if isinstance(sigma, (int, float)) else tuple(sigma), ndim=ndim)
+
+
+def _unstated_sampling(name: str, file: str, voxel: list[float]) -> list[str]:
+    """A note when a PSF file states another voxel size than the images' and
+    ``psf.voxel_size`` is not set: it is used as sampled on the image grid (PSF files'
+    metadata are often left at a default, so this is said, not refused)."""
+    stated = io.voxel_size_of(file)
+    axes = "zyx"[-len(voxel) :]
+    if not any(a in stated and abs(stated[a] - v) > 0.01 * v for a, v in zip(axes, voxel)):
+        return []
+    theirs = ", ".join(f"{a} {stated[a]:.4g}" for a in axes if a in stated)
+    return [
+        f"{name}: the file states a voxel size of {theirs} µm, the images' is {list(voxel)}; it is used "
+        "as sampled on the image grid. If the file's sampling is right, set psf.voxel_size to it "
+        "(the PSF is then resampled)"
+    ]

@@ -106,6 +106,9 @@ def run_prepare(config: dict) -> None:
     tile = per_axis(config["tiling"]["tile_size"], len(plan.psf_shape), "tiling.tile_size")
     chunks = (1, *tile[1:]) if len(tile) == 3 else tile  # one plane deep: the background goes by plane
     in_place = []
+    if config["input"]["check_voxel_size"]:
+        for file in dict.fromkeys(u.file for u in plan.units):
+            _check_voxel_size(config, file)
     for unit in plan.units:
         plan.check_input(unit.file)
         try:
@@ -139,6 +142,33 @@ def run_prepare(config: dict) -> None:
         "blend": list(plan.blend),
     }
     io.atomic_write_json(p.prepared(), summary)
+
+
+VOXEL_SIZE_TOLERANCE = 0.01  # relative difference between a file's metadata and the config
+
+
+def _check_voxel_size(config: dict, file: str) -> None:
+    """Refuse an input whose own metadata state another voxel size than the config's.
+
+    Raises
+    ------
+    CiderError
+        Naming the file, both voxel sizes and the two ways out.
+    """
+    stated = io.voxel_size_of(file)
+    configured = config["input"]["voxel_size"]
+    axes = "zyx"[-len(configured) :]
+    differ = [
+        a for a, v in zip(axes, configured) if a in stated and abs(stated[a] - v) > VOXEL_SIZE_TOLERANCE * v
+    ]
+    if differ:
+        theirs = ", ".join(f"{a} {stated[a]:.4g}" for a in axes if a in stated)
+        raise CiderError(
+            f"{file}: its metadata state a voxel size of {theirs} µm, but config key 'input.voxel_size' is "
+            f"{list(configured)} (axes {axes.upper()}); the PSF model's sampling and the priors depend on it. "
+            "Set input.voxel_size to the file's, or, if the file's metadata are wrong, "
+            "input.check_voxel_size: false"
+        )
 
 
 def _check_finite(unit: Unit, view: UnitView, rows: tuple[int, ...], copy_to=None) -> None:
