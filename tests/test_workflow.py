@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -487,6 +488,75 @@ def test_an_input_whose_metadata_state_another_voxel_size_is_refused(tmp_path, c
         in note
     )
     assert "set psf.voxel_size to it" in note
+
+
+def test_each_channel_is_restored_with_its_own_psf(tmp_path):
+    """psf.channels: a 2-channel file (σ 1 and σ 2 px) through prepare, background, fit
+    (plain RL, fast) and stitch. No pass mixes channels, and each channel's result is the
+    whole-image RL with its own PSF (not the other's). Misfitting channel lists are
+    refused naming the key and the file."""
+    from cider.workflow import run_background, run_fit, run_prepare, run_stitch
+
+    rng = np.random.default_rng(3)
+    truth = 20 + 400 * blobs((72, 72), 40, seed=4)
+    sigmas = (1.0, 2.0)
+    from scipy.ndimage import gaussian_filter
+
+    from cider import io
+
+    stack = np.stack([rng.poisson(gaussian_filter(truth, s, mode="reflect")) for s in sigmas]).astype(
+        np.uint16
+    )
+    tifffile.imwrite(tmp_path / "two.tif", stack)
+    config = validate_config(
+        {
+            "name": "channels",
+            "input": {"path": str(tmp_path / "two.tif"), "axes": "CYX", "voxel_size": [0.2, 0.2]},
+            "psf": {"gaussian_sigma": 1.0, "channels": [{}, {"gaussian_sigma": 2.0}]},
+            "output_dir": str(tmp_path / "out"),
+            "tiling": {"tile_size": 36},
+            "restore": {"method": "rl", "rl_iterations": 15},
+            "fit": {"batch_size": 8},
+            "jobs": {"images_per_job": 64},
+        }
+    )
+    plan = make_plan(config)
+    for batch in plan.batches:
+        for one_pass in batch.passes:
+            assert len({plan.tile(t).unit_id for t in one_pass}) == 1, one_pass  # one channel per pass
+    run_prepare(config)
+    run_background(config, "g0")
+    for batch in plan.batches:
+        run_fit(config, batch.id)
+    run_stitch(config, "p0")
+    restored = io.read_image(tmp_path / "out" / "two.ome.zarr")
+    for channel, sigma in enumerate(sigmas):
+        own, other = (
+            cider.restore(
+                stack[channel], gaussian_psf(s), cider.RestoreConfig(method="rl", rl_iterations=15)
+            ).restored
+            for s in (sigma, sigmas[1 - channel])
+        )
+        inner = (slice(8, -8), slice(8, -8))
+        near, far = (np.abs(restored[channel] - x)[inner].max() for x in (own, other))
+        assert near < 0.02 * own.max() and near < far / 5, (channel, near, far)
+
+    bad = {
+        "no C axis": ({"axes": "YX"}, [{}, {}], "config key 'psf.channels': 2 entries, but input.axes 'YX'"),
+        "three for two": ({}, [{}, {}, {}], "two.tif: 2 channel(s), but config key 'psf.channels' has 3"),
+    }
+    for axes, channels, message in bad.values():
+        single = tmp_path / "one.tif"
+        tifffile.imwrite(single, stack[0])
+        changed = config | {
+            "input": config["input"] | ({"path": str(single)} | axes if axes else {}),
+            "psf": config["psf"] | {"channels": channels},
+            "output_dir": str(tmp_path / "bad"),
+        }
+        with pytest.raises(CiderError, match=re.escape(message)):
+            make_plan(validate_config(changed))
+    with pytest.raises(CiderError, match=r"key 'psf.channels.1'.*'wavelenght' was unexpected"):
+        validate_config(config | {"psf": config["psf"] | {"channels": [{}, {"wavelenght": 0.6}]}})
 
 
 def test_lint_and_format_are_clean():

@@ -25,6 +25,7 @@ from .plan import (
     make_batches,
     make_groups,
     make_plan,
+    psf_channel,
 )
 from .report import boundary_seams, run_report, tile_flags
 from .steps import (
@@ -56,6 +57,7 @@ __all__ = [
     "make_batches",
     "make_groups",
     "make_plan",
+    "psf_channel",
     "make_psf",
     "paths",
     "boundary_seams",

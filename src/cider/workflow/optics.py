@@ -12,14 +12,41 @@ from .. import io
 from ..errors import CiderError
 from ..psf import clean_psf, gaussian_psf, lightsheet_psf, widefield_psf
 
+PSF_KINDS = ("file", "gaussian_sigma", "model")
 
-def make_psf(config: dict, ndim: int) -> np.ndarray:
+
+def make_psf(config: dict, ndim: int, channel: int = 0) -> np.ndarray:
     """The PSF the config describes (file, Gaussian or optical model), validated.
 
-    Computed once per process (the plan and a tile's restore both need it).
+    With ``psf.channels``, the PSF of channel ``channel``: its entry over the shared
+    ``psf`` keys, zero-padded about its centre to the shape common to every channel
+    (tiles share one margin; zeros change no convolution). Computed once per process
+    (the plan and a tile's restore both need it).
     """
-    key = json.dumps({"psf": config["psf"], "voxel_size": config["input"]["voxel_size"]}, sort_keys=True)
-    return _cached_psf(key, ndim).copy()
+    voxel = config["input"]["voxel_size"]
+    channels = config["psf"].get("channels")
+    if not channels:
+        return _cached_psf(_key(config["psf"], voxel), ndim).copy()
+    psfs = []
+    for number, entry in enumerate(channels):
+        if entry.get("channels"):
+            raise CiderError(
+                f"config key 'psf.channels' entry {number}: an entry cannot have channels itself"
+            )
+        shared = {k: v for k, v in config["psf"].items() if k != "channels"}
+        if any(entry.get(k) not in (None, "") for k in PSF_KINDS):  # the entry's kind replaces the shared one
+            shared = {k: v for k, v in shared.items() if k not in PSF_KINDS}
+        try:
+            psfs.append(_cached_psf(_key({**shared, **entry}, voxel), ndim))
+        except CiderError as err:
+            raise CiderError(f"config key 'psf.channels' entry {number} (channel {number}): {err}") from err
+    common = tuple(max(p.shape[axis] for p in psfs) for axis in range(ndim))
+    psf = psfs[channel]
+    return np.pad(psf, [((n - k) // 2, (n - k) // 2) for n, k in zip(common, psf.shape)])
+
+
+def _key(spec: dict, voxel) -> str:
+    return json.dumps({"psf": spec, "voxel_size": voxel}, sort_keys=True)
 
 
 @lru_cache(maxsize=8)

@@ -240,6 +240,7 @@ def make_batches(
     batch_size: int,
     images_per_job: int = 1,
     pass_sizes: dict[tuple[int, ...], int] | None = None,
+    psf_of_tile: Sequence[int] | None = None,
 ) -> tuple[Batch, ...]:
     """The fit jobs: passes of ≤ ``batch_size`` same-shape tiles, packed into jobs.
 
@@ -249,14 +250,17 @@ def make_batches(
     so small tiles and small images (a folder, whatever their sizes) are many to a job,
     while a pass of large 3D tiles is a job of its own. ``pass_sizes``: a smaller pass
     size for some padded shapes (what fits the GPU, :func:`gpu_pass_sizes`).
+    ``psf_of_tile``: which PSF each tile is restored with (its channel's, with
+    ``psf.channels``); a pass holds tiles of one PSF only.
     """
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for tile in tiles:
-        by_shape.setdefault(tile.padded_shape, []).append(tile.id)
+    kinds = psf_of_tile if psf_of_tile is not None else [0] * len(tiles)
+    by_shape: dict[tuple[tuple[int, ...], int], list[str]] = {}
+    for tile, kind in zip(tiles, kinds):
+        by_shape.setdefault((tile.padded_shape, kind), []).append(tile.id)
     per_shape = pass_sizes or {}
     passes = [
         (tuple(ids[start : start + per_shape.get(shape, batch_size)]), int(np.prod(shape)))
-        for shape, ids in by_shape.items()
+        for (shape, _), ids in by_shape.items()
         for start in range(0, len(ids), per_shape.get(shape, batch_size))
     ]
     sizes = [(one_pass, len(one_pass), len(one_pass) * voxels) for one_pass, voxels in passes]
@@ -394,7 +398,8 @@ def _cached_plan(config_json: str) -> Plan:
             f"config key 'input.voxel_size': {voxel} has {len(voxel)} values but the images have {ndim} "
             f"spatial axes (input.axes {axes!r}); give one size per spatial axis, Z Y X order"
         )
-    psf_shape = make_psf(config, ndim).shape
+    channel_of = _psf_channels(config, units)
+    psf_shape = make_psf(config, ndim).shape  # with psf.channels: the shape all channels share
     tiling = config["tiling"]
     tile_size = per_axis(tiling["tile_size"], ndim, "tiling.tile_size")
     need = minimum_margin(psf_shape)
@@ -440,7 +445,8 @@ def _cached_plan(config_json: str) -> Plan:
         shapes = [t.padded_shape for t in tiles]
         least = tuple(max(8, 4 * b) for b in blend)  # tile_size ≥ 4 × blend (checked above)
         pass_sizes = gpu_pass_sizes(shapes, tuple(psf_shape), tuple(margin), tile_size, config["fit"], least)
-    batches = make_batches(tiles, config["fit"]["batch_size"], per_job, pass_sizes)
+    psf_of_tile = [channel_of[units[t.unit].id] for t in tiles]
+    batches = make_batches(tiles, config["fit"]["batch_size"], per_job, pass_sizes, psf_of_tile)
     groups = make_groups([(u.id, int(np.prod(u.shape))) for u in units], per_job, "g")
     voxels_of_name: dict[str, int] = {}
     for u in units:
@@ -457,6 +463,43 @@ def _cached_plan(config_json: str) -> Plan:
         groups,
         parts,
     )
+
+
+def psf_channel(config: dict, unit: Unit) -> int:
+    """Which of ``psf.channels`` restores ``unit``: its channel (0 without psf.channels)."""
+    if not config["psf"].get("channels"):
+        return 0
+    outer = [a for a in config["input"]["axes"].upper() if a in "TC"]
+    return unit.index[outer.index("C")]
+
+
+def _psf_channels(config: dict, units: Sequence[Unit]) -> dict[str, int]:
+    """The PSF index of every unit; with ``psf.channels``, checks that the inputs have a C
+    axis with one channel per entry.
+
+    Raises
+    ------
+    CiderError
+        Naming the key and, for a channel count that differs, the file.
+    """
+    channels = config["psf"].get("channels")
+    if channels and "C" not in config["input"]["axes"].upper():
+        raise CiderError(
+            f"config key 'psf.channels': {len(channels)} entries, but input.axes "
+            f"{config['input']['axes']!r} has no C axis; remove psf.channels or declare the channel axis"
+        )
+    found = {u.id: psf_channel(config, u) for u in units}
+    if channels:
+        per_file: dict[str, int] = {}
+        for u in units:
+            per_file[u.file] = max(per_file.get(u.file, 0), found[u.id] + 1)
+        for file, count in per_file.items():
+            if count != len(channels):
+                raise CiderError(
+                    f"{file}: {count} channel(s), but config key 'psf.channels' has {len(channels)} entries; "
+                    "give one entry per channel, in channel order"
+                )
+    return found
 
 
 def per_axis(value, ndim: int, key: str) -> tuple[int, ...]:

@@ -22,7 +22,7 @@ from ..noise import NoiseModel
 from ..tiling import Tile, block_grid, stitch_block
 from .layout import paths
 from .optics import make_psf
-from .plan import Unit, make_plan, per_axis
+from .plan import Unit, make_plan, per_axis, psf_channel
 
 FAIL_ENV = "CIDER_FAIL_TILES"  # comma-separated tile ids whose batch fails (fault injection for tests)
 
@@ -339,7 +339,7 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         else None
     )
     intensity = _intensity_records(str(p.intensity(group)))[unit_id]
-    psf = make_psf(config, data.ndim)
+    psf = make_psf(config, data.ndim, psf_channel(config, make_plan(config).unit(unit_id)))
     rcfg = _restore_config(config)
     noise = NoiseModel(**intensity["noise"])
     prepared = prepare(
