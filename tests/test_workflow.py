@@ -452,6 +452,46 @@ def test_the_report_warns_when_the_images_do_not_look_like_their_modality(tmp_pa
     assert "look like bright field" in bright_note and "set restore.modality: brightfield" in bright_note
 
 
+def test_the_report_names_images_that_reach_their_cameras_full_scale(tmp_path):
+    """uint16 beads clipped at 4095 (a 12-bit camera) in one of two images: a Check note
+    names it with its count; the unclipped image and float data (no full scale) are not."""
+    from scipy.ndimage import gaussian_filter
+
+    from cider.workflow import run_background, run_prepare
+    from cider.workflow.report import saturation_notes
+
+    rng = np.random.default_rng(1)
+    beads = np.zeros((48, 48))
+    beads[rng.integers(4, 44, 6), rng.integers(4, 44, 6)] = 200_000.0
+    blurred = rng.poisson(gaussian_filter(beads, 2.0) + 100)
+    (tmp_path / "cam").mkdir()
+    tifffile.imwrite(tmp_path / "cam" / "a.tif", np.minimum(blurred, 4095).astype(np.uint16))  # clipped
+    tifffile.imwrite(tmp_path / "cam" / "b.tif", (blurred // 4).astype(np.uint16))  # max below any full scale
+    notes = {}
+    for name, path in (("cam", tmp_path / "cam"), ("float", tmp_path / "cam" / "f.tif")):
+        if name == "float":
+            tifffile.imwrite(path, np.minimum(blurred, 4095).astype(np.float32))
+        config = validate_config(
+            {
+                "name": name,
+                "input": {"path": str(path), "axes": "YX", "voxel_size": [0.2, 0.2]},
+                "psf": {"gaussian_sigma": 1.0},
+                "output_dir": str(tmp_path / f"out_{name}"),
+                "restore": {"method": "rl"},
+            }
+        )
+        run_prepare(config)
+        run_background(config, "g0")
+        notes[name] = saturation_notes(config)
+    clipped = int((blurred >= 4095).sum())
+    assert clipped >= 2
+    (note,) = notes["cam"]
+    assert note.startswith(
+        f"1 of 2 image(s) reach the full scale of their camera (u000 {clipped} px at 4095)"
+    )
+    assert notes["float"] == []
+
+
 def test_an_input_whose_metadata_state_another_voxel_size_is_refused(tmp_path, capsys):
     """An OME-TIFF stating z 0.5 µm against input.voxel_size z 1.0: prepare stops naming the
     file, both sizes and the two ways out; matching metadata or check_voxel_size false run.

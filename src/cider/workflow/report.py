@@ -291,7 +291,7 @@ def run_report(config: dict) -> dict:
         "fit_seconds_total": round(sum(r["seconds"] for r in records), 1),
         "devices": sorted({r.get("device_name", r["device"]) for r in records}),
         "outputs": [str(p.image(n)) for n in plan.names],
-        "notes": modality_notes(config),
+        "notes": modality_notes(config) + saturation_notes(config),
     }
     page = _page(config, summary, records, flags, seams, views)
     io.atomic_write_json(folder / "summary.json", summary)
@@ -338,6 +338,29 @@ def modality_notes(config: dict) -> list[str]:
         f"(after background removal, if on), but restore.modality is {restore['modality']}. "
         f"On such data the {restore['modality']} settings cost {cost} dB on the benchmarks; "
         f"if this is {should} data, set restore.modality: {should} and rerun the fit jobs."
+    ]
+
+
+def saturation_notes(config: dict) -> list[str]:
+    """A warning naming the images whose maximum is a camera's full scale (saturated
+    pixels, :func:`cider.workflow.steps.unit_background`'s ``saturated`` record)."""
+    import json
+
+    plan, p = make_plan(config), paths(config)
+    found = {}
+    for group in sorted({plan.group_of(u.id) for u in plan.units}):
+        if p.intensity(group).exists():
+            for unit_id, record in json.loads(p.intensity(group).read_text())["units"].items():
+                if record.get("saturated"):
+                    found[unit_id] = record["saturated"]
+    if not found:
+        return []
+    worst = sorted(found.items(), key=lambda item: -item[1]["count"])[:3]
+    listed = ", ".join(f"{u} {s['count']} px at {s['value']:g}" for u, s in worst)
+    return [
+        f"{len(found)} of {len(plan.units)} image(s) reach the full scale of their camera ({listed}): "
+        "saturated pixels? Their true intensity is unknown, the restoration treats them as measured, so "
+        "intensities around them are too low. For measurements, acquire with less exposure or gain."
     ]
 
 

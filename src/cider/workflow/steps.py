@@ -243,8 +243,13 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64)).max()) for z in planes) or 1.0
     sampled = _noise_planes(len(planes), int(np.prod(shape[-2:])) // 4)
     high, low, total, details, means = -np.inf, np.inf, 0.0, [], []
+    raw_high, at_raw_high = -np.inf, 0
     for number, z in enumerate(planes):
         plane = np.asarray(data[z], dtype=np.float64)
+        top = plane.max()
+        if top >= raw_high:
+            at_raw_high = (at_raw_high if top == raw_high else 0) + int(np.count_nonzero(plane == top))
+            raw_high = top
         if background is not None:
             removed = plane_background(plane, bg_cfg, peak)
             background[z] = removed.astype(np.float32)
@@ -260,6 +265,7 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         "scale": scale,
         "mean": float(total) / float(np.prod(shape)),
         "noise": {"gain": noise.gain, "floor": noise.floor},
+        "saturated": _saturated(np.dtype(data.dtype), float(raw_high), at_raw_high),
     }
     rcfg = _restore_config(config, device="cpu")
     value_range = _feature_range(data, background, scale, rcfg)
@@ -267,6 +273,21 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         intensity["feature_low"], intensity["feature_high"] = value_range
         intensity["feature_source"] = _feature_source(rcfg)
     return intensity
+
+
+FULL_SCALE_BITS = (8, 10, 12, 14, 16)  # camera bit depths: full scale 2^bits - 1
+
+
+def _saturated(dtype: np.dtype, peak: float, count: int) -> dict | None:
+    """``{"value", "count"}`` when an integer image's maximum is the full scale of a camera
+    (its type's maximum: any pixel; 2^10/12/14 − 1 in a wider type: two or more), else None."""
+    if not np.issubdtype(dtype, np.integer):
+        return None
+    type_max = float(np.iinfo(dtype).max)
+    scales = {float(2**bits - 1) for bits in FULL_SCALE_BITS if 2**bits - 1 <= type_max}
+    if peak == type_max or (peak in scales and count >= 2):
+        return {"value": peak, "count": count}
+    return None
 
 
 def _feature_source(rcfg) -> dict:
