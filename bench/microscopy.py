@@ -3,6 +3,7 @@
     python bench/microscopy.py                         # every case and method (GPU: minutes)
     python bench/microscopy.py --cases bars gauss3d_low --methods rl cider
     python bench/microscopy.py --set data_weight=0 stop=none --tag sweep   # a sweep, stored apart
+    python bench/microscopy.py --methods cider --iterations 1000 --modality case  # as the pipeline
 
 Cases (``bench/microscopy_data.py``): flowdec ``bars`` (3D, real truth), synthetic 3D
 volumes (light-sheet / widefield model PSFs and a Gaussian, z step 2–3× xy, Poisson +
@@ -15,7 +16,9 @@ texture left in flat truth regions (std there, in % of the truth's range).
 Rows: ``blurred``; ``rl`` (boundary-aware RL at its best iteration count, an oracle
 choice, stated); ``rl_tv`` (RL with total-variation regularisation, Dey et al. 2006, best
 λ and iteration count, oracle); ``wiener`` (best noise-to-signal ratio, oracle);
-``cider`` (package defaults), ``cider_curve`` (defaults with the stop rule off, scored
+``cider`` (package defaults; ``--modality case``: the settings the pipeline's
+``restore.modality`` gives the case's kind of data, ``cider.FLUORESCENCE`` on every case
+but the bright-field plankton, ``--set`` still winning), ``cider_curve`` (defaults with the stop rule off, scored
 every 100 iterations: does it ever fall below the input?), ``image_rl`` and ``noise``
 (ablations). Writes ``bench/results/microscopy.json`` ({case: {method: {...}}}) and
 ``bench/results/microscopy.md``.
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from microscopy_data import CASES, Case, box_sums, load_case  # noqa: E402
 from overrides import parse_overrides  # noqa: E402
 
-from cider import RestoreConfig, losses  # noqa: E402
+from cider import FLUORESCENCE, RestoreConfig, losses  # noqa: E402
 from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units  # noqa: E402
 from cider.rl import BlurOperator  # noqa: E402
 
@@ -48,6 +51,12 @@ TV_WEIGHTS = (0.0005, 0.002, 0.008)
 WIENER_NSR = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 GENERATOR_INPUT = {"cider": "features", "cider_curve": "features", "image_rl": "image_rl", "noise": "noise"}
 PROGRESS: Path | None = None  # --progress: folder of curves written while a run goes on
+BRIGHTFIELD_CASES = ("plankton2d",)  # every other case is fluorescence (dark background, shot noise)
+# --modality: the generator rows' settings per case, before --set.
+MODALITY_SETTINGS = {
+    "none": lambda name: {},
+    "case": lambda name: {} if name in BRIGHTFIELD_CASES else dict(FLUORESCENCE),
+}
 METHODS = ["blurred", "rl", "rl_tv", "wiener", "cider", "cider_curve", "image_rl", "noise"]
 
 
@@ -216,6 +225,7 @@ def cider_scores(case: Case, method: str, iterations: int, device: str, override
         "stopped": fit.stopped,
         "chi2": round(fit.chi2, 3),
         "seconds": round(seconds, 1),
+        "settings": overrides,  # what differs from the package defaults
     }
     if curve:
         out["curve"] = curve
@@ -234,7 +244,9 @@ def _chi2(estimate: torch.Tensor, prepared) -> float:
 
 
 # ----------------------------------------------------------------------------- driver
-def run_case(case: Case, methods, iterations: int, device: str, overrides: dict) -> dict:
+def run_case(
+    case: Case, methods, iterations: int, device: str, overrides: dict, modality: str = "none"
+) -> dict:
     rows: dict[str, dict] = {}
     for method in methods:
         start = time.perf_counter()
@@ -252,7 +264,8 @@ def run_case(case: Case, methods, iterations: int, device: str, overrides: dict)
         elif method == "wiener":
             rows[method] = wiener_scores(case)
         else:
-            rows[method] = cider_scores(case, method, iterations, device, overrides)
+            settings = {**MODALITY_SETTINGS[modality](case.name), **overrides}
+            rows[method] = cider_scores(case, method, iterations, device, settings)
         print(
             f"{case.name:18s} {method:12s} {_brief(rows[method])} ({time.perf_counter() - start:.0f} s)",
             flush=True,
@@ -296,6 +309,8 @@ def table(results: dict, device: str) -> str:
                     f"PSNR on {CURVE_EVERY}–{last} it.: worst {r['worst_psnr']}, best {r['best_psnr']} "
                     f"at {r['best_iterations']}"
                 )
+            if r.get("settings"):
+                notes.append(", ".join(f"{k}={v}" for k, v in r["settings"].items()))
             if "seconds" in r:
                 notes.append(f"{r['seconds']} s")
             lines.append(
@@ -306,7 +321,8 @@ def table(results: dict, device: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main_parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -314,6 +330,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="larger synthetic cases (GPU)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="RestoreConfig overrides")
+    parser.add_argument(
+        "--modality",
+        choices=sorted(MODALITY_SETTINGS),
+        default="none",
+        help="none: package defaults for the generator rows; case: the fluorescence settings on "
+        "fluorescence cases, as the pipeline's restore.modality",
+    )
     parser.add_argument("--tag", default="", help="suffix of the result files (sweeps)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=None, help="folder of cached cases (.npz)")
@@ -326,7 +349,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="stabilised Hessian's least offset / mean signal (cider.losses.LEAST_OFFSET; a sweep knob)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = main_parser().parse_args(argv)
     global PROGRESS
     PROGRESS = args.progress
     if args.least_offset is not None:
@@ -338,12 +365,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.cases:
         case = load_case(name, args.full, args.cache)
         results.setdefault(name, {}).update(
-            run_case(case, args.methods, args.iterations, args.device, overrides)
+            run_case(case, args.methods, args.iterations, args.device, overrides, args.modality)
         )
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
         "device": device_name,
         "overrides": overrides,
+        "modality": args.modality,
         "least_offset": losses.LEAST_OFFSET,
         "full": args.full,
         "cases": results,

@@ -154,8 +154,10 @@ def test_every_sweep_spec_names_known_cases_methods_and_settings(spec):
         assert set(setting.get("cases", [])) <= set(sweep["cases"]), name
         assert set(setting.get("methods", [])) <= set(microscopy.METHODS), name
         assert all(
-            a.startswith("--least-offset") or not a.startswith("--") for a in setting.get("args", [])
+            a.startswith(("--least-offset", "--modality")) or not a.startswith("--")
+            for a in setting.get("args", [])
         ), name
+        microscopy.main_parser().parse_args(setting.get("args", []))  # arguments microscopy.py takes
         overrides = parse_overrides(setting.get("set", []), refused=("iterations", "device", "progress"))
         config = RestoreConfig().with_(**overrides)
         if config.feature_weights is not None:
