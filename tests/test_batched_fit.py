@@ -60,6 +60,25 @@ def test_batched_equals_sequential_2d_with_average_and_flat_member():
     assert not torch.allclose(fits[0].estimate, fits[2].estimate)
 
 
+def test_batched_equals_sequential_with_a_saturated_member():
+    """Censored (saturated) pixels in one member of three: the batch still equals fitting
+    each alone, and the censoring changes that member's result (so it was applied). The
+    censored block holds 0, a lower bound every model is above: it then constrains
+    nothing, where taken as measured it pulls the estimate down."""
+    config = RestoreConfig(iterations=12, log_every=4, data_weight=0.5, device="cpu")
+    members = _float64_members([(30, 34)] * 3, gaussian_psf(1.2), config)
+    features, prepared = members[1]
+    block = torch.zeros_like(prepared.observation, dtype=torch.bool)
+    block[10:18, 12:20] = True
+    observation = prepared.observation.masked_fill(block, 0.0)
+    members[1] = (features, replace(prepared, observation=observation, saturated=block))
+    fits = fit_generators([f for f, _ in members], [p for _, p in members], config)
+    for fit, (f, p) in zip(fits, members):
+        _assert_same(fit, fit_generator(f, p, config))
+    plain = fit_generator(features, replace(members[1][1], saturated=None), config)
+    assert float((fits[1].estimate - plain.estimate).abs().max()) > 1e-3 * float(plain.estimate.max())
+
+
 @pytest.mark.slow
 def test_batched_equals_sequential_3d_with_members_stopping_at_different_iterations():
     config = RestoreConfig(

@@ -131,6 +131,15 @@ def test_voxel_sizes_reach_the_fit_and_the_psf_and_the_output_records_them(tmp_p
 
     made = json.loads(Image.open(tmp_path / "out.png").text["cider"])["cider"]
     assert made["psf"] == "gaussian sigma 1.0 px" and made["voxel_size"] is None
+    # an 8-bit image reaching 255 has its saturated pixels censored, said and recorded
+    image[5:8, 5:8] = 255
+    io.write_image(tmp_path / "sat.png", image)
+    sat = ["restore", str(tmp_path / "sat.png"), "--gaussian-sigma", "1", "--iterations", "2", "--quiet"]
+    assert cli.main([*sat, "-o", str(tmp_path / "sat_out.png")]) == 0
+    assert "9 pixel(s) at or above 255 (saturated) are taken as lower bounds" in capsys.readouterr().err
+    assert json.loads(Image.open(tmp_path / "sat_out.png").text["cider"])["cider"]["saturation"] == 255
+    assert cli.main([*sat, "--saturation", "lots", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--saturation lots: give auto, none or a level" in capsys.readouterr().err
     # a 3D voxel size for a 2D image is refused before any work
     assert cli.main([*png, "--voxel", *voxel, "-o", str(tmp_path / "again.png")]) == 2
     assert "--voxel has 3 sizes for a 2D image" in capsys.readouterr().err

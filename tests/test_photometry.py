@@ -61,6 +61,34 @@ def test_restored_beads_keep_flux_zero_and_exceed_the_observed_peak(seed, photon
     assert dark < 0.01 * x.max(), (dark, x.max())
 
 
+def test_saturated_pixels_are_lower_bounds_not_measurements():
+    """A bead field clipped at half its peak (107 pixels, 11 of 12 beads): treating the
+    clipped pixels as lower bounds (prepare's ``saturation``) brings the clipped beads'
+    integrated intensity and the field's flux closer to the truth than taking them as
+    measured (RL 100 it.: mean spot error −6.7 → −4.4 %, flux −6.3 → −4.0 %; the
+    generator with the fluorescence settings, 300 it.: −7.1 → −5.1 %, −6.2 → −4.2 %).
+    Unclipped data give the same bits with or without a saturation level above them."""
+    from cider.restore import fit_rl
+
+    y, psf, truth, spots = bead_field(1, 2000.0, gap=10)
+    level = float(np.floor(0.5 * y.max()))
+    clipped = np.minimum(y, level)
+    hit = [s for s in spots if y[s] >= level]
+    config = RestoreConfig(method="rl", rl_iterations=100)
+    errors, flux = {}, {}
+    for name, saturation in (("measured", None), ("censored", level)):
+        prepared = prepare(clipped, psf, config, saturation=saturation)
+        x = to_data_units(fit_rl(prepared, config).estimate, prepared)
+        errors[name] = float(np.mean(box_sums(x, hit) / box_sums(truth, hit) - 1))
+        flux[name] = float(x.sum() / truth.sum() - 1)
+    assert len(hit) >= 10 and errors["censored"] > errors["measured"] + 0.015, errors
+    assert abs(flux["censored"]) < abs(flux["measured"]) - 0.015, flux
+    plain = prepare(y, psf, config)
+    above = prepare(y, psf, config, saturation=float(y.max()) + 1)
+    assert above.saturated is None
+    assert torch.equal(fit_rl(plain, config).estimate, fit_rl(above, config).estimate)
+
+
 def test_stabilised_hessian_lifts_bead_peaks_above_rl():
     """The Hessian on the variance-stabilised scale charges a bright bead ∝ √amplitude: at
     2,000 photons and 1,000 iterations the restored peak is 1.71 × RL(100)'s (AMD EPYC,

@@ -489,7 +489,22 @@ def test_the_report_names_images_that_reach_their_cameras_full_scale(tmp_path):
     assert note.startswith(
         f"1 of 2 image(s) reach the full scale of their camera (u000 {clipped} px at 4095)"
     )
+    assert "the fit took them as lower bounds (input.saturation auto)" in note
     assert notes["float"] == []
+    # each tile's fit gets those pixels as censored ones (input.saturation auto), or none
+    from cider.workflow.steps import _prepared_tile
+
+    cam = validate_config(
+        {**config, "name": "cam", "input": config["input"] | {"path": str(tmp_path / "cam")}}
+    )
+    cam["output_dir"] = str(tmp_path / "out_cam")
+    for tile in make_plan(cam).tiles_of("u000"):
+        prepared = _prepared_tile(cam, tile)[0]
+        window = np.minimum(blurred, 4095)[tile.slices()] >= 4095
+        marked = prepared.saturated.numpy() if prepared.saturated is not None else np.zeros_like(window)
+        np.testing.assert_array_equal(marked, window)
+        off = cam | {"input": cam["input"] | {"saturation": None}}
+        assert _prepared_tile(off, tile)[0].saturated is None
 
 
 def test_an_input_whose_metadata_state_another_voxel_size_is_refused(tmp_path, capsys):

@@ -96,7 +96,8 @@ def _restore(args: argparse.Namespace) -> int:
     if args.rl is not None:
         config = config.with_(method="rl", rl_iterations=args.rl)
     _hint_modality(image, args)
-    result = restore(image, psf, config, voxel_size=args.voxel)
+    saturation = _saturation(image, args.saturation)
+    result = restore(image, psf, config, voxel_size=args.voxel, saturation=saturation)
     restored, text = result.restored, None
     suffix = Path(args.output).suffix.lower()
     if suffix == ".png":
@@ -108,7 +109,8 @@ def _restore(args: argparse.Namespace) -> int:
             "cider restore: an NPY file holds no metadata: the settings are in the JSON below",
             file=sys.stderr,
         )
-    io.write_image(args.output, restored, text=text, provenance=_provenance(args, config, psf_notes))
+    made = _provenance(args, config, psf_notes) | {"saturation": saturation}
+    io.write_image(args.output, restored, text=text, provenance=made)
     summary = {
         "output": str(args.output),
         "device": result.device,
@@ -121,6 +123,25 @@ def _restore(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def _saturation(image: np.ndarray, choice: str) -> float | None:
+    """The saturation level ``--saturation`` asks for (``auto``: the camera full scale the
+    image reaches, if any), said when pixels are at it."""
+    from .restore import full_scale
+
+    if choice == "none":
+        return None
+    peak = float(image.max())
+    level = full_scale(image.dtype, peak, int((image == peak).sum())) if choice == "auto" else float(choice)
+    if level is not None:
+        count = int((image >= level).sum())
+        print(
+            f"cider restore: {count} pixel(s) at or above {level:g} (saturated) are taken as lower bounds, "
+            "not measurements (--saturation none: as measured)",
+            file=sys.stderr,
+        )
+    return level
 
 
 def _provenance(args: argparse.Namespace, config, psf_notes: list[str]) -> dict:
@@ -182,6 +203,11 @@ def _restore_refusal(args: argparse.Namespace) -> str | None:
         return "give --psf FILE or --gaussian-sigma S, not both"
     if args.gaussian_sigma is not None and args.gaussian_sigma <= 0:
         return f"--gaussian-sigma must be > 0 (pixels), got {args.gaussian_sigma}"
+    if args.saturation not in ("auto", "none"):
+        try:
+            float(args.saturation)
+        except ValueError:
+            return f"--saturation {args.saturation}: give auto, none or a level in the image's units"
     if args.psf_voxel and not (args.voxel and args.psf):
         return "--psf-voxel is the sampling of a --psf file: give --psf and the image's --voxel too"
     for flag, values in (("--voxel", args.voxel), ("--psf-voxel", args.psf_voxel)):
@@ -293,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="SIZE",
         help="the --psf file's voxel size in µm when it differs from --voxel (it is resampled)",
+    )
+    r.add_argument(
+        "--saturation",
+        default="auto",
+        metavar="LEVEL",
+        help="pixels at or above LEVEL are saturated: lower bounds in the fit, not measurements. "
+        "auto (default): an integer image's camera full scale when it reaches it; none: off",
     )
     r.add_argument("--iterations", type=int, help="generator fit iterations (default 3000)")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")

@@ -188,7 +188,10 @@ def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> F
 
     def chi2(blurred: torch.Tensor) -> float:
         variance = prepared.noise.variance(blurred)
-        return float(((blurred - observation) ** 2 / variance).mean())
+        data = (
+            observation if prepared.saturated is None else censored(observation, blurred, prepared.saturated)
+        )
+        return float(((blurred - data) ** 2 / variance).mean())
 
     blur = BlurOperator(psf, observation.shape, "valid")
     with torch.no_grad():
@@ -198,6 +201,7 @@ def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> F
             config.rl_iterations,
             boundary="valid",
             callback=lambda iteration, blurred: losses.append(chi2(blurred)),
+            saturated=prepared.saturated,
         )
         final = chi2(blur(estimate))
     return _finish(estimate, blur, prepared, losses, final, "iterations", config, label)
@@ -216,6 +220,7 @@ class _Members:
     hessian: torch.Tensor  # (B,) Hessian weight
     k2: torch.Tensor  # (B,) SSIM contrast constant
     data: torch.Tensor  # (B,) weight of the χ² term (data_weight · σ²)
+    saturated: torch.Tensor | None  # (B, 1, *image_shape) bool: censored pixels; None: none in the batch
     best: list[float]
     since_best: list[int]
     losses: list[list[float]]
@@ -226,6 +231,7 @@ class _Members:
         return _Members(
             [self.index[r] for r in rows],
             *(t.index_select(0, pick) for t in self._tensors()),
+            self.saturated.index_select(0, pick) if self.saturated is not None else None,
             [self.best[r] for r in rows],
             [self.since_best[r] for r in rows],
             [self.losses[r] for r in rows],
@@ -233,6 +239,13 @@ class _Members:
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return self.inputs, self.targets, self.gain, self.floor, self.level, self.hessian, self.k2, self.data
+
+    def targets_for(self, blurred: torch.Tensor) -> torch.Tensor:
+        """The data the loss compares ``blurred`` with: saturated pixels are lower bounds
+        (censored), so where the model is already above them it is not pulled down."""
+        if self.saturated is None:
+            return self.targets
+        return censored(self.targets, blurred, self.saturated)
 
 
 def _members(
@@ -256,6 +269,7 @@ def _members(
         hessian=column([w[0] for w in weights]),
         k2=column([w[1] for w in weights]),
         data=column([config.data_weight * prepared[i].noise_level ** 2 for i in active]),
+        saturated=_saturated_masks([prepared[i] for i in active]),
         best=[math.inf] * len(active),
         since_best=[0] * len(active),
         losses=[[] for _ in active],
@@ -282,10 +296,29 @@ def _check_batch(prepared: Sequence[Prepared], active: list[int]) -> None:
             raise CiderError(f"batched fit: member {i} has another PSF or voxel size than member {active[0]}")
 
 
+def censored(observation: torch.Tensor, blurred: torch.Tensor, saturated: torch.Tensor) -> torch.Tensor:
+    """``observation`` with its saturated pixels raised to the model ``blurred`` where that
+    is higher (no gradient through it): a saturated pixel says the truth is at least the
+    data, so a model above it is not an error and one below it is pulled up."""
+    return torch.where(saturated, torch.maximum(observation, blurred.detach()), observation)
+
+
+def _saturated_masks(prepared: Sequence[Prepared]) -> torch.Tensor | None:
+    """(B, 1, *shape) bool of the members' saturated pixels; None when no member has any."""
+    if all(p.saturated is None for p in prepared):
+        return None
+    return torch.stack(
+        [
+            p.saturated if p.saturated is not None else torch.zeros_like(p.observation, dtype=torch.bool)
+            for p in prepared
+        ]
+    )[:, None]
+
+
 def _chi2(blurred: torch.Tensor, members: _Members) -> torch.Tensor:
     """χ² per pixel of every member, in units of the noise variance taken at ``Ax``."""
     variance = members.gain * blurred.detach().clamp(min=0) + members.floor
-    return ((blurred - members.targets) ** 2 / variance).flatten(1).mean(1)
+    return ((blurred - members.targets_for(blurred)) ** 2 / variance).flatten(1).mean(1)
 
 
 class _Generators:
@@ -460,7 +493,7 @@ def _fit_together(
             average = current.clone() if average is None else average.lerp_(current, 1 - config.average)
         blurred = blur(estimate)
         loss = config.ssim_weight * ssim_loss(
-            blurred, members.targets, k2=members.k2, per_sample=True, spacing=ssim_spacing
+            blurred, members.targets_for(blurred), k2=members.k2, per_sample=True, spacing=ssim_spacing
         )
         if config.data_weight:
             loss = loss + members.data * _chi2(blurred, members)
@@ -598,8 +631,12 @@ def _finish(
             slice(k // 2, n - k // 2) if n > 2 * (k // 2) + 8 else slice(None)
             for n, k in zip(prepared.observation.shape, prepared.psf.shape)
         )
-        observed = float(prepared.observation[interior].sum())
-        modelled = float(blur(estimate)[interior].sum())
+        blurred = blur(estimate)
+        data = prepared.observation
+        if prepared.saturated is not None:  # lower bounds: count the model's light where it is above
+            data = censored(data, blurred, prepared.saturated)
+        observed = float(data[interior].sum())
+        modelled = float(blurred[interior].sum())
         if observed > 0 and modelled > 0:
             flux_factor = observed / modelled
             estimate = estimate * flux_factor

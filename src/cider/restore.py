@@ -59,6 +59,7 @@ __all__ = [
     "to_data_units",
     "intensity_scale",
     "looks_like",
+    "full_scale",
 ]
 
 METHODS = ("cider", "rl")
@@ -319,7 +320,9 @@ class Prepared:
     noise model of ``observation`` (already scaled), ``mean_signal`` the mean signal
     (same units; the whole image's in the workflow, so all its tiles agree, ≥ 0) and
     ``noise_level`` the noise's standard deviation there, which sets the noise-aware
-    loss weights and the variance-stabilised Hessian's scale.
+    loss weights and the variance-stabilised Hessian's scale. ``saturated`` marks the
+    pixels at a camera's full scale: their true value is only known to be at least the
+    data there, so the fits treat them as lower bounds (censored), not as measurements.
     """
 
     observation: torch.Tensor
@@ -329,6 +332,7 @@ class Prepared:
     noise_level: float
     voxel_size: tuple[float, ...] | None = None
     mean_signal: float = 0.0
+    saturated: torch.Tensor | None = None  # bool, observation shape: censored pixels (≥ the data there)
 
 
 @dataclass
@@ -427,6 +431,7 @@ def prepare(
     device: torch.device | None = None,
     mean_signal: float | None = None,
     voxel_size: Sequence[float] | None = None,
+    saturation: float | None = None,
 ) -> Prepared:
     """Validate inputs, remove the background, divide by one intensity scale.
 
@@ -455,10 +460,15 @@ def prepare(
         per axis (:func:`cider.losses.hessian_penalty`), and with ``ssim_window
         "physical"`` shape the SSIM window (:func:`cider.losses.ssim_windows`). Default:
         isotropic.
+    saturation : float, optional
+        The camera's full scale in the image's units (e.g. :func:`full_scale`): pixels at
+        or above it are saturated, their true value unknown but at least the data. They
+        are censored in the fit (a lower bound, see :class:`Prepared`). Default: none.
     device : torch.device, optional
         Default: ``resolve_device(config.device)``.
     """
     image = validate_image(image)
+    saturated = image >= saturation if saturation is not None else None
     psf = validate_psf(psf, image.shape)
     if voxel_size is not None:
         voxel_size = tuple(float(v) for v in voxel_size)
@@ -479,7 +489,29 @@ def prepare(
     level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
     observation = torch.as_tensor(image / scale, dtype=torch.float32, device=device)
     psf_t = torch.as_tensor(psf, dtype=torch.float32, device=device)
-    return Prepared(observation, psf_t, scale, noise, level, voxel_size, max(mean_signal / scale, 0.0))
+    censored = (
+        torch.as_tensor(saturated, device=device) if saturated is not None and saturated.any() else None
+    )
+    return Prepared(
+        observation, psf_t, scale, noise, level, voxel_size, max(mean_signal / scale, 0.0), censored
+    )
+
+
+FULL_SCALE_BITS = (8, 10, 12, 14, 16)  # camera bit depths: full scale 2^bits − 1
+
+
+def full_scale(dtype: np.dtype, peak: float, count: int) -> float | None:
+    """The camera full scale an integer image reaches, or None: its type's maximum (any
+    pixel), or 2^10/12/14 − 1 in a wider type (two or more pixels at it). ``peak``: the
+    image's maximum, ``count``: pixels at it. Pixels there are saturated."""
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.integer):
+        return None
+    type_max = float(np.iinfo(dtype).max)
+    scales = {float(2**bits - 1) for bits in FULL_SCALE_BITS if 2**bits - 1 <= type_max}
+    if peak == type_max or (peak in scales and count >= 2):
+        return float(peak)
+    return None
 
 
 def intensity_scale(image: np.ndarray) -> float:
@@ -566,6 +598,7 @@ def restore(
     background: np.ndarray | None = None,
     scale: float | None = None,
     voxel_size: Sequence[float] | None = None,
+    saturation: float | None = None,
 ) -> Result:
     """Restore one 2D image or 3D volume with CiDeR (or plain RL: ``config.method``).
 
@@ -577,7 +610,7 @@ def restore(
         PSF with the same number of axes, applied by convolution.
     config : RestoreConfig, optional
         Settings; default ``RestoreConfig()`` (3000 iterations, paper schedule).
-    background, scale, voxel_size
+    background, scale, voxel_size, saturation
         See :func:`prepare`.
 
     Returns
@@ -596,7 +629,7 @@ def restore(
     config = config or RestoreConfig()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared = prepare(image, psf, config, background, scale, voxel_size=voxel_size)
+    prepared = prepare(image, psf, config, background, scale, voxel_size=voxel_size, saturation=saturation)
     device = prepared.observation.device
     timings["prepare"] = time.perf_counter() - start
     if config.method == "rl":

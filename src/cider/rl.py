@@ -151,6 +151,7 @@ def richardson_lucy(
     eps: float = 1e-12,
     ndim: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    saturated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Richardson–Lucy deconvolution of one or many channels at once.
 
@@ -177,6 +178,10 @@ def richardson_lucy(
         Called as ``callback(iteration, blurred)`` at every iteration with the re-blurred
         estimate ``Ax`` that the iteration's update divides by (computed anyway): e.g. a
         data misfit per iteration at no extra cost.
+    saturated : torch.Tensor, optional
+        Bool mask (image shape) of saturated pixels: their data are lower bounds, so each
+        iteration uses ``max(data, Ax)`` there (a censored likelihood): a model above a
+        saturated pixel is not pulled down to it.
 
     Returns
     -------
@@ -202,7 +207,8 @@ def richardson_lucy(
         blurred = op.forward(estimate)
         if callback is not None:
             callback(iteration, blurred)
-        update = op.adjoint(image / blurred.clamp_min(eps))
+        data = image if saturated is None else torch.where(saturated, torch.maximum(image, blurred), image)
+        update = op.adjoint(data / blurred.clamp_min(eps))
         if boundary == "valid":
             update = torch.where(observed, update / weight, torch.ones_like(weight))
         estimate = (estimate * update).clamp_min(0)

@@ -357,10 +357,17 @@ def saturation_notes(config: dict) -> list[str]:
         return []
     worst = sorted(found.items(), key=lambda item: -item[1]["count"])[:3]
     listed = ", ".join(f"{u} {s['count']} px at {s['value']:g}" for u, s in worst)
+    treated = (
+        "the fit took them as lower bounds (input.saturation auto), but their neighbourhoods are "
+        "still less certain"
+        if config["input"]["saturation"] == "auto"
+        else "the fit took them as measured (input.saturation is not auto), so intensities around them "
+        "are too low"
+    )
     return [
         f"{len(found)} of {len(plan.units)} image(s) reach the full scale of their camera ({listed}): "
-        "saturated pixels? Their true intensity is unknown, the restoration treats them as measured, so "
-        "intensities around them are too low. For measurements, acquire with less exposure or gain."
+        f"saturated pixels, whose true intensity is unknown; {treated}. For measurements, acquire "
+        "with less exposure or gain."
     ]
 
 

@@ -231,6 +231,7 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
     """
     from ..background import plane_background
     from ..noise import fit_noise, haar_samples
+    from ..restore import full_scale
 
     data = unit_array(config, unit_id)
     shape = data.shape
@@ -265,29 +266,15 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         "scale": scale,
         "mean": float(total) / float(np.prod(shape)),
         "noise": {"gain": noise.gain, "floor": noise.floor},
-        "saturated": _saturated(np.dtype(data.dtype), float(raw_high), at_raw_high),
     }
+    level = full_scale(data.dtype, float(raw_high), at_raw_high)
+    intensity["saturated"] = {"value": level, "count": at_raw_high} if level is not None else None
     rcfg = _restore_config(config, device="cpu")
     value_range = _feature_range(data, background, scale, rcfg)
     if value_range is not None:
         intensity["feature_low"], intensity["feature_high"] = value_range
         intensity["feature_source"] = _feature_source(rcfg)
     return intensity
-
-
-FULL_SCALE_BITS = (8, 10, 12, 14, 16)  # camera bit depths: full scale 2^bits - 1
-
-
-def _saturated(dtype: np.dtype, peak: float, count: int) -> dict | None:
-    """``{"value", "count"}`` when an integer image's maximum is the full scale of a camera
-    (its type's maximum: any pixel; 2^10/12/14 − 1 in a wider type: two or more), else None."""
-    if not np.issubdtype(dtype, np.integer):
-        return None
-    type_max = float(np.iinfo(dtype).max)
-    scales = {float(2**bits - 1) for bits in FULL_SCALE_BITS if 2**bits - 1 <= type_max}
-    if peak == type_max or (peak in scales and count >= 2):
-        return {"value": peak, "count": count}
-    return None
 
 
 def _feature_source(rcfg) -> dict:
@@ -360,6 +347,9 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         else None
     )
     intensity = _intensity_records(str(p.intensity(group)))[unit_id]
+    saturation = config["input"]["saturation"]
+    if saturation == "auto":
+        saturation = (intensity.get("saturated") or {}).get("value")
     psf = make_psf(config, data.ndim, psf_channel(config, make_plan(config).unit(unit_id)))
     rcfg = _restore_config(config)
     noise = NoiseModel(**intensity["noise"])
@@ -373,6 +363,7 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         device=device,
         mean_signal=intensity["mean"],
         voxel_size=config["input"]["voxel_size"],
+        saturation=saturation,
     )
     return prepared, rcfg, intensity
 
