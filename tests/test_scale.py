@@ -175,22 +175,24 @@ def test_ome_zarr_levels_are_registered_and_read_back_by_ome_zarr(tmp_path):
     np.testing.assert_allclose(data[1], expected, rtol=1e-6)
 
 
-def _volume_config(folder, planes: int) -> tuple[dict, np.ndarray]:
-    rng = np.random.default_rng(4)
-    volume = (rng.poisson(200, (planes, 128, 128)) + 100).astype(np.uint16)
+def _volume_config(
+    folder, planes: int, side: int = 128, seed: int = 4, **sections
+) -> tuple[dict, np.ndarray]:
+    """A seeded uint16 volume of ``planes`` × ``side``² in ``folder/v.tif`` and its config
+    (background removal on, 16 × 64² tiles; ``sections`` replace config sections)."""
+    rng = np.random.default_rng(seed)
+    volume = (rng.poisson(200, (planes, side, side)) + 100).astype(np.uint16)
     folder.mkdir()
     tifffile.imwrite(folder / "v.tif", volume)
-    config = validate_config(
-        {
-            "name": "bg",
-            "input": {"path": str(folder / "v.tif"), "axes": "ZYX", "voxel_size": [0.5, 0.2, 0.2]},
-            "psf": {"gaussian_sigma": [1.0, 1.0, 1.0]},
-            "output_dir": str(folder / "out"),
-            "tiling": {"tile_size": [16, 64, 64]},
-            "background": {"enabled": True},
-        }
-    )
-    return config, volume
+    config = {
+        "name": "bg",
+        "input": {"path": str(folder / "v.tif"), "axes": "ZYX", "voxel_size": [0.5, 0.2, 0.2]},
+        "psf": {"gaussian_sigma": [1.0, 1.0, 1.0]},
+        "output_dir": str(folder / "out"),
+        "tiling": {"tile_size": [16, 64, 64]},
+        "background": {"enabled": True},
+    }
+    return validate_config(config | sections), volume
 
 
 def test_background_goes_plane_by_plane_and_equals_the_whole_volume_computation(tmp_path, monkeypatch):
@@ -380,21 +382,17 @@ def test_the_fit_job_holds_its_tiles_not_the_unit(tmp_path):
     _warm_up(tmp_path)
     peaks, results = {}, {}
     for planes in (16, 64):
-        folder = tmp_path / str(planes)
-        folder.mkdir()
-        volume = (np.random.default_rng(5).poisson(200, (planes, 256, 256)) + 100).astype(np.uint16)
-        tifffile.imwrite(folder / "v.tif", volume)
-        config = validate_config(
-            {
-                "name": "fit",
-                "input": {"path": str(folder / "v.tif"), "axes": "ZYX", "voxel_size": [0.5, 0.2, 0.2]},
-                "psf": {"gaussian_sigma": [0.6, 0.8, 0.8]},
-                "output_dir": str(folder / "out"),
-                "tiling": {"tile_size": [12, 32, 32]},
-                "restore": {"iterations": 2, "rl_iterations": 2},
-                "fit": {"batch_size": 2},
-                "jobs": {"images_per_job": 2},
-            }
+        config, volume = _volume_config(
+            tmp_path / str(planes),
+            planes,
+            side=256,
+            seed=5,
+            psf={"gaussian_sigma": [0.6, 0.8, 0.8]},
+            tiling={"tile_size": [12, 32, 32]},
+            background={"enabled": False},
+            restore={"iterations": 2, "rl_iterations": 2},
+            fit={"batch_size": 2},
+            jobs={"images_per_job": 2},
         )
         run_prepare(config)
         run_background(config, "g0")
