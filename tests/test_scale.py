@@ -397,8 +397,7 @@ def test_the_fit_job_holds_its_tiles_not_the_unit(tmp_path):
         run_prepare(config)
         run_background(config, "g0")
         batch = make_plan(config).batches[0]
-        if planes == 16:
-            run_fit(config, batch.id)  # first use of the extractor and the generator
+        run_fit(config, batch.id)  # first use of the extractor, the generator and this run's files
         peaks[planes] = _traced_peak(run_fit, config, batch.id)
         results[planes] = dict(np.load(paths(config).tiles(batch.id)))
         unit_bytes = volume.size * 4
