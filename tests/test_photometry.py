@@ -13,11 +13,12 @@ from cider import RestoreConfig, gaussian_psf, restore
 from cider.generator import Generator, GeneratorConfig, _NonLocal
 from cider.noise import NoiseModel, estimate_noise
 from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units
-from cider.rl import BlurOperator, richardson_lucy
+from cider.rl import BlurOperator
 
 from .conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
+from beads import rl100  # noqa: E402
 from microscopy_data import background_median, bead_field, box_sums  # noqa: E402
 
 FAST = RestoreConfig(iterations=150, rl_iterations=20)
@@ -93,14 +94,14 @@ def test_stabilised_hessian_lifts_bead_peaks_above_rl():
     """The Hessian on the variance-stabilised scale charges a bright bead ∝ √amplitude: at
     2,000 photons and 1,000 iterations the restored peak is 1.71 × RL(100)'s (AMD EPYC,
     float32, AVX-512 and AVX2 kernels alike), with flux and spot intensities as tight
-    (bench/results/beads.md: 1.18–2.02 × on every field at 1,000 iterations; 0.56 × with
+    (bench/results/beads.md: 1.10–1.75 × on every field at 1,000 iterations; 0.49 × with
     the intensity-scale Hessian). At 300 iterations the peak depends on the platform's
     rounding (the fit is chaotic): 1.39 × on an earlier machine, 1.07 × / 0.92 × here."""
     y, psf, truth, spots = bead_field(1, 2000.0, gap=10)
     cfg = FAST.with_(iterations=1000, hessian_domain="stabilised")
     prepared = prepare(y, psf, cfg)
     x = to_data_units(fit_generator(deconvolved_features(prepared, cfg), prepared, cfg).estimate, prepared)
-    rl = richardson_lucy(torch.tensor(y), psf, 100).numpy()
+    rl = rl100(y, psf)
     assert x.max() > 1.2 * rl.max(), (x.max(), rl.max())
     assert abs(x.sum() / truth.sum() - 1) < 0.02, x.sum() / truth.sum()  # measured +0.3 to +0.6 %
     error = np.median(np.abs(box_sums(x, spots) / box_sums(truth, spots) - 1))
@@ -183,5 +184,4 @@ def test_flat_image_is_restored_as_itself(value, shape):
 def test_rl_peak_reference_is_meaningful():
     """Sanity of the bead fixture: RL(100) sharpens the beads well above the data's peak."""
     y, psf, _, _ = bead_field()
-    rl = richardson_lucy(torch.tensor(y), psf, 100).numpy()
-    assert rl.max() > 3 * y.max()
+    assert rl100(y, psf).max() > 3 * y.max()  # on the image's grid, as the estimates are
