@@ -374,9 +374,9 @@ def test_the_large_run_bench_reads_every_rules_peak_from_the_benchmark_files(tmp
 def test_the_fit_job_holds_its_tiles_not_the_unit(tmp_path):
     """The CiDeR fit job of one batch reads its tiles' windows (and the unit's records),
     never the unit: 4× the planes with the same tiles → the same traced (numpy) peak
-    within 20 %, below a quarter of the larger unit as float32 (1.7 MiB against 16 MiB
-    when written). Torch's own allocations are not traced: they are the tiles' fit, sized
-    by :mod:`cider.memory`."""
+    within 1.5 MiB (run-to-run noise; the unit grows by 6 MiB as uint16), below a quarter
+    of the larger unit as float32 (1.7 MiB against 16 MiB when written). Torch's own
+    allocations are not traced: they are the tiles' fit, sized by :mod:`cider.memory`."""
     from cider.workflow import run_background, run_fit
 
     _warm_up(tmp_path)
@@ -402,6 +402,9 @@ def test_the_fit_job_holds_its_tiles_not_the_unit(tmp_path):
         results[planes] = dict(np.load(paths(config).tiles(batch.id)))
         unit_bytes = volume.size * 4
     small, large = peaks[16] / 2**20, peaks[64] / 2**20
-    assert large < 1.2 * small, f"fit: peak {small:.2f} MiB for 16 planes, {large:.2f} MiB for 64"
+    # Python-level garbage (autograd graphs freed by the cycle collector) moves the peak by
+    # up to ~0.4 MiB from run to run (1.4-2.1 MiB measured); reading the 64-plane unit
+    # would add at least its 8 MiB as uint16.
+    assert large < small + 1.5, f"fit: peak {small:.2f} MiB for 16 planes, {large:.2f} MiB for 64"
     assert peaks[64] < unit_bytes / 4, f"fit: peak {large:.2f} MiB for a {unit_bytes / 2**20:.0f} MiB unit"
     assert results[16].keys() == results[64].keys() and len(results[16]) == 2
