@@ -26,6 +26,7 @@ __all__ = [
     "write_ome_zarr",
     "open_array",
     "voxel_size_of",
+    "stated_voxel_mismatch",
 ]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".npy", ".zarr")
@@ -105,6 +106,19 @@ def voxel_size_of(path: str | Path) -> dict[str, float]:
     except (OSError, ValueError, KeyError, IndexError, TypeError, ZeroDivisionError):
         return {}  # unreadable or malformed metadata state nothing; the data are checked elsewhere
     return {}
+
+
+def stated_voxel_mismatch(
+    path: str | Path, voxel_size: Sequence[float], tolerance: float = 0.01
+) -> str | None:
+    """What the file states about its voxel size (``"z 0.5, y 0.2, x 0.2"``, µm) when an
+    axis it states differs from ``voxel_size`` (Z, Y, X or Y, X) by more than
+    ``tolerance`` (relative); None when it agrees or states nothing."""
+    stated = voxel_size_of(path)
+    axes = "zyx"[-len(voxel_size) :]
+    if not any(a in stated and abs(stated[a] - v) > tolerance * v for a, v in zip(axes, voxel_size)):
+        return None
+    return ", ".join(f"{a} {stated[a]:.4g}" for a in axes if a in stated)
 
 
 def _tiff_voxel_size(path: Path) -> dict[str, float]:

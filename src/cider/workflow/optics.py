@@ -119,11 +119,9 @@ def _unstated_sampling(name: str, file: str, voxel: list[float]) -> list[str]:
     """A note when a PSF file states another voxel size than the images' and
     ``psf.voxel_size`` is not set: it is used as sampled on the image grid (PSF files'
     metadata are often left at a default, so this is said, not refused)."""
-    stated = io.voxel_size_of(file)
-    axes = "zyx"[-len(voxel) :]
-    if not any(a in stated and abs(stated[a] - v) > 0.01 * v for a, v in zip(axes, voxel)):
+    theirs = io.stated_voxel_mismatch(file, voxel)
+    if not theirs:
         return []
-    theirs = ", ".join(f"{a} {stated[a]:.4g}" for a in axes if a in stated)
     return [
         f"{name}: the file states a voxel size of {theirs} µm, the images' is {list(voxel)}; it is used "
         "as sampled on the image grid. If the file's sampling is right, set psf.voxel_size to it "

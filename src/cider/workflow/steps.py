@@ -31,7 +31,7 @@ def _restore_config(config: dict, device: str | None = None):
     from ..restore import RestoreConfig
 
     r = dict(config["restore"])
-    r.pop("modality")  # already applied to the settings by validate_config
+    r.pop("modality", None)  # already applied to the settings by validate_config
     r["device"] = device or r["device"]
     return RestoreConfig(normalize=True, **r)
 
@@ -144,25 +144,19 @@ def run_prepare(config: dict) -> None:
     io.atomic_write_json(p.prepared(), summary)
 
 
-VOXEL_SIZE_TOLERANCE = 0.01  # relative difference between a file's metadata and the config
-
-
 def _check_voxel_size(config: dict, file: str) -> None:
-    """Refuse an input whose own metadata state another voxel size than the config's.
+    """Refuse an input whose own metadata state another voxel size than the config's
+    (more than 1 % on an axis, :func:`cider.io.stated_voxel_mismatch`).
 
     Raises
     ------
     CiderError
         Naming the file, both voxel sizes and the two ways out.
     """
-    stated = io.voxel_size_of(file)
     configured = config["input"]["voxel_size"]
-    axes = "zyx"[-len(configured) :]
-    differ = [
-        a for a, v in zip(axes, configured) if a in stated and abs(stated[a] - v) > VOXEL_SIZE_TOLERANCE * v
-    ]
-    if differ:
-        theirs = ", ".join(f"{a} {stated[a]:.4g}" for a in axes if a in stated)
+    theirs = io.stated_voxel_mismatch(file, configured)
+    if theirs:
+        axes = "zyx"[-len(configured) :]
         raise CiderError(
             f"{file}: its metadata state a voxel size of {theirs} µm, but config key 'input.voxel_size' is "
             f"{list(configured)} (axes {axes.upper()}); the PSF model's sampling and the priors depend on it. "
