@@ -414,7 +414,7 @@ def test_the_report_warns_when_the_images_do_not_look_like_their_modality(tmp_pa
     fluorescence, each get a 'Check' note naming the image and the modality to set; the
     matching modality and plain RL get none."""
     from cider.workflow import run_background, run_prepare
-    from cider.workflow.report import modality_notes
+    from cider.workflow.report import intensity_records, modality_notes
 
     rng = np.random.default_rng(0)
     dark = np.full((64, 64), 5.0)
@@ -440,7 +440,7 @@ def test_the_report_warns_when_the_images_do_not_look_like_their_modality(tmp_pa
                 )
                 run_prepare(config)
                 run_background(config, "g0")
-                notes[name, modality, method] = modality_notes(config)
+                notes[name, modality, method] = modality_notes(config, intensity_records(config))
     assert {key for key, found in notes.items() if found} == {
         ("dark", "brightfield", "cider"),
         ("bright", "fluorescence", "cider"),
@@ -458,7 +458,7 @@ def test_the_report_names_images_that_reach_their_cameras_full_scale(tmp_path):
     from scipy.ndimage import gaussian_filter
 
     from cider.workflow import run_background, run_prepare
-    from cider.workflow.report import saturation_notes
+    from cider.workflow.report import intensity_records, saturation_notes
 
     rng = np.random.default_rng(1)
     beads = np.zeros((48, 48))
@@ -482,7 +482,7 @@ def test_the_report_names_images_that_reach_their_cameras_full_scale(tmp_path):
         )
         run_prepare(config)
         run_background(config, "g0")
-        notes[name] = saturation_notes(config)
+        notes[name] = saturation_notes(config, intensity_records(config))
     clipped = int((blurred >= 4095).sum())
     assert clipped >= 2
     (note,) = notes["cam"]

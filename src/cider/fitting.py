@@ -33,7 +33,7 @@ from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 from .errors import CiderError
 from .generator import Generator, GeneratorConfig, softplus_inverse
 from .losses import hessian_penalty, sparsity_penalty, ssim_loss, variance_stabilised
-from .rl import BlurOperator, richardson_lucy
+from .rl import BlurOperator, censored, richardson_lucy
 
 if TYPE_CHECKING:
     from .restore import Prepared, RestoreConfig
@@ -188,9 +188,7 @@ def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> F
 
     def chi2(blurred: torch.Tensor) -> float:
         variance = prepared.noise.variance(blurred)
-        data = (
-            observation if prepared.saturated is None else censored(observation, blurred, prepared.saturated)
-        )
+        data = censored(observation, blurred, prepared.saturated)
         return float(((blurred - data) ** 2 / variance).mean())
 
     blur = BlurOperator(psf, observation.shape, "valid")
@@ -243,8 +241,6 @@ class _Members:
     def targets_for(self, blurred: torch.Tensor) -> torch.Tensor:
         """The data the loss compares ``blurred`` with: saturated pixels are lower bounds
         (censored), so where the model is already above them it is not pulled down."""
-        if self.saturated is None:
-            return self.targets
         return censored(self.targets, blurred, self.saturated)
 
 
@@ -294,13 +290,6 @@ def _check_batch(prepared: Sequence[Prepared], active: list[int]) -> None:
         same_psf = other.psf.shape == first.psf.shape and bool(torch.equal(other.psf, first.psf))
         if not same_psf or other.voxel_size != first.voxel_size:
             raise CiderError(f"batched fit: member {i} has another PSF or voxel size than member {active[0]}")
-
-
-def censored(observation: torch.Tensor, blurred: torch.Tensor, saturated: torch.Tensor) -> torch.Tensor:
-    """``observation`` with its saturated pixels raised to the model ``blurred`` where that
-    is higher (no gradient through it): a saturated pixel says the truth is at least the
-    data, so a model above it is not an error and one below it is pulled up."""
-    return torch.where(saturated, torch.maximum(observation, blurred.detach()), observation)
 
 
 def _saturated_masks(prepared: Sequence[Prepared]) -> torch.Tensor | None:
@@ -632,10 +621,8 @@ def _finish(
             for n, k in zip(prepared.observation.shape, prepared.psf.shape)
         )
         blurred = blur(estimate)
-        data = prepared.observation
-        if prepared.saturated is not None:  # lower bounds: count the model's light where it is above
-            data = censored(data, blurred, prepared.saturated)
-        observed = float(data[interior].sum())
+        # saturated pixels are lower bounds: count the model's light where it is above them
+        observed = float(censored(prepared.observation, blurred, prepared.saturated)[interior].sum())
         modelled = float(blurred[interior].sum())
         if observed > 0 and modelled > 0:
             flux_factor = observed / modelled

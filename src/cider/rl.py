@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["BlurOperator", "richardson_lucy", "next_fast_len", "to_positive", "from_positive"]
+__all__ = ["BlurOperator", "richardson_lucy", "censored", "next_fast_len", "to_positive", "from_positive"]
 
 BOUNDARIES = ("valid", "same", "periodic")
 
@@ -142,6 +142,18 @@ def _place_centred(psf: torch.Tensor, shape: Sequence[int], ndim: int) -> torch.
     return torch.roll(padded, shifts, dims=tuple(range(-ndim, 0)))
 
 
+def censored(
+    observation: torch.Tensor, blurred: torch.Tensor, saturated: torch.Tensor | None
+) -> torch.Tensor:
+    """``observation`` with its saturated pixels raised to the model ``blurred`` where that
+    is higher (no gradient through it): a saturated pixel says the truth is at least the
+    data, so a model above it is not an error and one below it is pulled up. ``saturated``
+    None: the observation as it is."""
+    if saturated is None:
+        return observation
+    return torch.where(saturated, torch.maximum(observation, blurred.detach()), observation)
+
+
 def richardson_lucy(
     image: torch.Tensor,
     psf: torch.Tensor | np.ndarray,
@@ -180,7 +192,7 @@ def richardson_lucy(
         data misfit per iteration at no extra cost.
     saturated : torch.Tensor, optional
         Bool mask (image shape) of saturated pixels: their data are lower bounds, so each
-        iteration uses ``max(data, Ax)`` there (a censored likelihood): a model above a
+        iteration uses ``max(data, Ax)`` there (:func:`censored`): a model above a
         saturated pixel is not pulled down to it.
 
     Returns
@@ -207,8 +219,7 @@ def richardson_lucy(
         blurred = op.forward(estimate)
         if callback is not None:
             callback(iteration, blurred)
-        data = image if saturated is None else torch.where(saturated, torch.maximum(image, blurred), image)
-        update = op.adjoint(data / blurred.clamp_min(eps))
+        update = op.adjoint(censored(image, blurred, saturated) / blurred.clamp_min(eps))
         if boundary == "valid":
             update = torch.where(observed, update / weight, torch.ones_like(weight))
         estimate = (estimate * update).clamp_min(0)

@@ -250,6 +250,7 @@ def run_report(config: dict) -> dict:
     folder = p.report().parent
     folder.mkdir(parents=True, exist_ok=True)
     records = tile_metrics(config)
+    intensity = intensity_records(config)
     chi2s = [r["chi2"] for r in records if r.get("chi2") is not None]
     median_chi2 = statistics.median(chi2s) if chi2s else None
     seams: dict[str, float] = {}
@@ -291,7 +292,7 @@ def run_report(config: dict) -> dict:
         "fit_seconds_total": round(sum(r["seconds"] for r in records), 1),
         "devices": sorted({r.get("device_name", r["device"]) for r in records}),
         "outputs": [str(p.image(n)) for n in plan.names],
-        "notes": modality_notes(config) + saturation_notes(config),
+        "notes": modality_notes(config, intensity) + saturation_notes(config, intensity),
     }
     page = _page(config, summary, records, flags, seams, views)
     io.atomic_write_json(folder / "summary.json", summary)
@@ -301,29 +302,34 @@ def run_report(config: dict) -> dict:
     return summary
 
 
-def modality_notes(config: dict) -> list[str]:
+def intensity_records(config: dict) -> dict[str, dict]:
+    """The background jobs' records of every image, by unit id (groups whose record is
+    missing are left out: tiles written without the background job, in tests)."""
+    import json
+
+    plan, p = make_plan(config), paths(config)
+    records: dict[str, dict] = {}
+    for group in sorted({plan.group_of(u.id) for u in plan.units}):
+        if p.intensity(group).exists():
+            records |= json.loads(p.intensity(group).read_text())["units"]
+    return records
+
+
+def modality_notes(config: dict, intensity: dict[str, dict]) -> list[str]:
     """Warnings when the images do not look like ``restore.modality`` says they are.
 
     The modality sets the data term and the Hessian's domain; the wrong one costs 1.0-2.9
     dB (bench/README.md, "The data term per modality"). Judged per image by
-    :func:`cider.restore.looks_like` on the background job's record (mean and maximum of
-    the background-free data); none for ``restore.method: rl``, which the modality does
-    not change.
+    :func:`cider.restore.looks_like` on the background job's record (``intensity``, from
+    :func:`intensity_records`: mean and maximum of the background-free data); none for
+    ``restore.method: rl``, which the modality does not change.
     """
-    import json
-
     from ..restore import looks_like
 
     restore = config["restore"]
     if restore["method"] == "rl":
         return []
-    plan, p = make_plan(config), paths(config)
-    ratios = {}
-    for group in sorted({plan.group_of(u.id) for u in plan.units}):
-        if not p.intensity(group).exists():  # tiles written without the background job (tests)
-            continue
-        for unit_id, record in json.loads(p.intensity(group).read_text())["units"].items():
-            ratios[unit_id] = (record["mean"], record["scale"])
+    ratios = {unit_id: (record["mean"], record["scale"]) for unit_id, record in intensity.items()}
     should = "fluorescence" if restore["modality"] == "brightfield" else "brightfield"
     odd = {u: mean / high for u, (mean, high) in ratios.items() if looks_like(mean, high) == should}
     if should == "fluorescence":
@@ -341,18 +347,11 @@ def modality_notes(config: dict) -> list[str]:
     ]
 
 
-def saturation_notes(config: dict) -> list[str]:
+def saturation_notes(config: dict, intensity: dict[str, dict]) -> list[str]:
     """A warning naming the images whose maximum is a camera's full scale (saturated
-    pixels, :func:`cider.workflow.steps.unit_background`'s ``saturated`` record)."""
-    import json
-
-    plan, p = make_plan(config), paths(config)
-    found = {}
-    for group in sorted({plan.group_of(u.id) for u in plan.units}):
-        if p.intensity(group).exists():
-            for unit_id, record in json.loads(p.intensity(group).read_text())["units"].items():
-                if record.get("saturated"):
-                    found[unit_id] = record["saturated"]
+    pixels, :func:`cider.workflow.steps.unit_background`'s ``saturated`` record, from
+    :func:`intensity_records`)."""
+    found = {unit_id: record["saturated"] for unit_id, record in intensity.items() if record.get("saturated")}
     if not found:
         return []
     worst = sorted(found.items(), key=lambda item: -item[1]["count"])[:3]
@@ -365,7 +364,7 @@ def saturation_notes(config: dict) -> list[str]:
         "are too low"
     )
     return [
-        f"{len(found)} of {len(plan.units)} image(s) reach the full scale of their camera ({listed}): "
+        f"{len(found)} of {len(make_plan(config).units)} image(s) reach the full scale of their camera ({listed}): "
         f"saturated pixels, whose true intensity is unknown; {treated}. For measurements, acquire "
         "with less exposure or gain."
     ]
