@@ -82,6 +82,7 @@ def test_fluorescence_flag_sets_the_fluorescence_settings_and_says_so(tmp_path, 
     said = capsys.readouterr()
     settings = json.loads(said.out)["settings"]
     assert settings["data_weight"] == 100.0 and settings["hessian_domain"] == "stabilised"
+    assert settings["keep_best_by"] == "block"
     assert settings["background"]["enabled"] is True and settings["iterations"] == 3
     assert "looks like" not in said.err
     # the same dark-background image without the flag, and a bright field with it: a hint

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cider import RestoreConfig, gaussian_psf, restore
+from cider import FLUORESCENCE, RestoreConfig, gaussian_psf, restore
 from cider.generator import Generator, GeneratorConfig, _NonLocal
 from cider.noise import NoiseModel, estimate_noise
 from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units
@@ -106,6 +106,30 @@ def test_stabilised_hessian_lifts_bead_peaks_above_rl():
     assert abs(x.sum() / truth.sum() - 1) < 0.02, x.sum() / truth.sum()  # measured +0.3 to +0.6 %
     error = np.median(np.abs(box_sums(x, spots) / box_sums(truth, spots) - 1))
     assert error < 0.03, error  # measured 1.85 / 2.16 % (AVX-512 / AVX2)
+
+
+def test_fluorescence_settings_lift_a_dim_bead_field_above_rl():
+    """The full fluorescence settings (``cider.FLUORESCENCE``: data term, stabilised
+    Hessian, ``keep_best_by: block``) on the dim field where they once fell below RL: its
+    loss dips once at it. 370, and ``keep_best`` judged by each estimate's own loss
+    returned that estimate (peak 0.88 × RL(100)'s) instead of the settled end. Judged by
+    the log block's mean, the peak is 1.31 × / 1.41 × RL(100)'s at 1,000 it. (AMD EPYC, 1 /
+    2 threads), with the observed flux kept and a dark background."""
+    y, psf, truth, spots = bead_field(seed=2, photons=400.0, gap=10)
+    config = FAST.with_(iterations=1000, **FLUORESCENCE)
+    prepared = prepare(y, psf, config)
+    fit = fit_generator(deconvolved_features(prepared, config), prepared, config)
+    x = to_data_units(fit.estimate, prepared)
+    assert x.max() > 1.1 * rl100(y, psf).max(), (x.max(), rl100(y, psf).max())
+    r = psf.shape[0] // 2
+    reblurred = BlurOperator(prepared.psf, y.shape, "valid")(fit.estimate).numpy() * prepared.scale
+    assert abs(reblurred[r:-r, r:-r].sum() / y[r:-r, r:-r].sum() - 1) < 0.01
+    # Spot intensities at the noise floor: measured 4.8 / 5.2 % (1 / 2 threads); a
+    # 400-photon bead's Poisson noise is 5 %, and the data's own 9-px boxes are off by
+    # 4.0 % (RL(100): 3.2 %). Not #12's 5 % on every platform.
+    error = np.median(np.abs(box_sums(x, spots) / box_sums(truth, spots) - 1))
+    assert error < 0.06, error
+    assert background_median(x, spots, radius=8) < 0.01 * x.max()
 
 
 def test_tiles_of_one_image_share_the_stabilising_scale():

@@ -376,19 +376,24 @@ def test_a_dataset_config_stands_alone(tmp_path):
     "psf, restore, expected",
     [
         # fluorescence optics: the fluorescence settings (cider.FLUORESCENCE)
-        ({"model": "lightsheet"}, {}, ("fluorescence", 100.0, "stabilised")),
-        ({"model": "widefield"}, {}, ("fluorescence", 100.0, "stabilised")),
+        ({"model": "lightsheet"}, {}, ("fluorescence", 100.0, "stabilised", "block")),
+        ({"model": "widefield"}, {}, ("fluorescence", 100.0, "stabilised", "block")),
         # a keyed setting wins over the modality's
-        ({"model": "widefield"}, {"data_weight": 0.0}, ("fluorescence", 0.0, "stabilised")),
+        ({"model": "widefield"}, {"data_weight": 0.0}, ("fluorescence", 0.0, "stabilised", "block")),
+        ({"model": "widefield"}, {"keep_best_by": "loss"}, ("fluorescence", 100.0, "stabilised", "loss")),
         # a measured or Gaussian PSF says nothing of the optics: the package defaults
-        ({"gaussian_sigma": 1.0}, {}, ("brightfield", 0.0, "intensity")),
-        ({"gaussian_sigma": 1.0}, {"modality": "fluorescence"}, ("fluorescence", 100.0, "stabilised")),
-        ({"model": "lightsheet"}, {"modality": "brightfield"}, ("brightfield", 0.0, "intensity")),
+        ({"gaussian_sigma": 1.0}, {}, ("brightfield", 0.0, "intensity", "loss")),
+        (
+            {"gaussian_sigma": 1.0},
+            {"modality": "fluorescence"},
+            ("fluorescence", 100.0, "stabilised", "block"),
+        ),
+        ({"model": "lightsheet"}, {"modality": "brightfield"}, ("brightfield", 0.0, "intensity", "loss")),
     ],
 )
 def test_the_modality_sets_the_fluorescence_settings_unless_keyed(psf, restore, expected):
     """restore.modality (auto: fluorescence for a widefield or light-sheet PSF model) fills
-    data_weight and hessian_domain; the resolved modality is what the config (and so the
+    data_weight, hessian_domain and keep_best_by; the resolved modality is what the config (and so the
     output's provenance) holds; validating twice changes nothing; the fit gets the settings."""
     from cider.workflow.steps import _restore_config
 
@@ -403,10 +408,10 @@ def test_the_modality_sets_the_fluorescence_settings_unless_keyed(psf, restore, 
         config["psf"]["sheet_thickness"] = 2.0
     checked = validate_config(config)
     r = checked["restore"]
-    assert (r["modality"], r["data_weight"], r["hessian_domain"]) == expected
+    assert (r["modality"], r["data_weight"], r["hessian_domain"], r["keep_best_by"]) == expected
     assert validate_config(checked) == checked
     fitted = _restore_config(checked)
-    assert (fitted.data_weight, fitted.hessian_domain) == expected[1:]
+    assert (fitted.data_weight, fitted.hessian_domain, fitted.keep_best_by) == expected[1:]
 
 
 def test_the_report_warns_when_the_images_do_not_look_like_their_modality(tmp_path):
@@ -650,7 +655,10 @@ def test_end_to_end_2d(tmp_path):
     assert made["settings"]["restore"]["generator_input"] == "features"
     assert made["settings"]["restore"]["modality"] == "brightfield"  # auto, Gaussian PSF
     page = (tmp_path / "out" / "report" / "index.html").read_text()
-    assert "modality brightfield (data_weight 0, hessian_domain intensity), 60 iterations" in page
+    assert (
+        "modality brightfield (data_weight 0, hessian_domain intensity, keep_best_by loss), 60 iterations"
+        in page
+    )
     shipped = Path(cider.__file__).parent / "weights" / "features.pt"  # the default extractor, by content
     assert made["feature_weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
     metrics = (tmp_path / "out" / "work" / "metrics").glob("*.json")  # as the fit jobs recorded it

@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fluorescence",
         action="store_true",
         help="bright objects on a dark background: background removal, the noise-weighted data "
-        "term and the variance-stabilised Hessian (RestoreConfig: FLUORESCENCE)",
+        "term, the variance-stabilised Hessian and keep_best by block (RestoreConfig: FLUORESCENCE)",
     )
     r.add_argument("--sparsity", type=float, default=0.0, help="L1 sparsity weight (fluorescence: ~0.1-1)")
     r.add_argument(

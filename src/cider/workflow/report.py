@@ -391,7 +391,8 @@ def _settings_line(config: dict) -> str:
         return f"restore.method rl: plain Richardson–Lucy, {r['rl_iterations']} iterations per tile"
     return (
         f"restore.method cider, modality {r['modality']} (data_weight {r['data_weight']:g}, "
-        f"hessian_domain {r['hessian_domain']}), {r['iterations']} iterations per tile; "
+        f"hessian_domain {r['hessian_domain']}, keep_best_by {r['keep_best_by']}), "
+        f"{r['iterations']} iterations per tile; "
         "every setting is in the output's provenance"
     )
 
