@@ -147,7 +147,8 @@ def test_warm_start_with_weights_of_another_generator_is_refused():
 @pytest.mark.parametrize("by", ["loss", "block"])
 def test_keep_best_returns_the_logged_estimate_it_judged_best(by):
     """``keep_best`` returns the logged estimate with the lowest loss: its own
-    (``keep_best_by: loss``) or its log block's mean (``block``)."""
+    (``keep_best_by: loss``), or the larger of its own and its log block's mean
+    (``block``: a one-iteration dip is judged by the mean, a spike's onset by its own)."""
     config = RestoreConfig(iterations=40, log_every=4, preserve_flux=False, keep_best_by=by, device="cpu")
     ((features, prepared),) = _float64_members([(30, 34)], gaussian_psf(1.2), config)
     logged = []
@@ -155,9 +156,10 @@ def test_keep_best_returns_the_logged_estimate_it_judged_best(by):
         features, prepared, config, callback=lambda it, loss, estimate: logged.append(estimate.clone())
     )
     blocks = np.asarray(fit.losses).reshape(-1, config.log_every)
-    judged = blocks[:, -1] if by == "loss" else blocks.mean(axis=1)
+    judged = blocks[:, -1] if by == "loss" else np.maximum(blocks[:, -1], blocks.mean(axis=1))
     np.testing.assert_array_equal(fit.estimate.numpy(), logged[int(np.argmin(judged))].numpy())
-    assert _judged([3.0, 1.0, 2.0], by) == (2.0 if by == "loss" else 6.0 / 3)
+    dip, onset = [3.0, 3.0, 0.0], [1.0, 1.0, 4.0]
+    assert (_judged(dip, by), _judged(onset, by)) == ((0.0, 4.0) if by == "loss" else (2.0, 4.0))
 
 
 def test_members_beyond_the_cpu_batch_size_are_fitted_in_chunks(monkeypatch):

@@ -593,8 +593,11 @@ def _plateau(members: _Members, row: int, values: list[float], config: RestoreCo
 
 def _judged(values: list[float], by: str) -> float:
     """The loss by which ``keep_best`` judges the estimate that ends a log block of
-    ``values``: its own (``by="loss"``) or the block's mean (``"block"``)."""
-    return sum(values) / len(values) if by == "block" else values[-1]
+    ``values``: its own (``by="loss"``), or the larger of its own and the block's mean
+    (``"block"``), so that neither a one-iteration dip (judged by the mean) nor the first
+    iteration of a spike (judged by its own loss) is returned."""
+    own = values[-1]
+    return max(own, sum(values) / len(values)) if by == "block" else own
 
 
 @torch.no_grad()

@@ -166,15 +166,16 @@ class RestoreConfig:
         iterations, 30.6 dB at 1000). Off when ``average`` is on.
     keep_best_by : str
         How ``keep_best`` judges a logged estimate: ``loss``, by its own loss; ``block``,
-        by the mean loss of the ``log_every`` iterations that end at it. While the loss
-        jitters around a plateau, its lowest single value is often an early, lucky point
-        (fluo2d_low, 500 it.: the it.-150 estimate, 26.12 dB, where the last scores 26.23);
-        the block mean is less swayed by such a dip. ``block`` is part of
-        ``FLUORESCENCE``: with the data term a dim bead field's loss dipped once at it. 370
-        of 1000, and ``loss`` returned that estimate, its bead peak 0.88 × RL(100)'s, where
-        the settled end has 1.31 × (2D fluorescence: +0.02 to +0.08 dB; 3D at 300 it.: the
-        same estimate). Not the package default: Levin was not re-run with it
-        (bench/README.md, "keep_best judged on the block mean").
+        by the larger of its own loss and the mean loss of the ``log_every`` iterations
+        that end at it. While the loss jitters around a plateau, its lowest single value
+        is often an early, lucky point (fluo2d_low, 500 it.: the it.-150 estimate, 26.12
+        dB, where the last scores 26.23), which the block mean is less swayed by; the
+        larger of the two also passes over the first iteration of a spike, whose block
+        mean is still low (Levin im1_k1, CPU: the mean alone returned it. 590, 32.68 dB,
+        own loss and ``block`` it. 570, 33.13 dB). ``block`` is part of ``FLUORESCENCE``:
+        with the data term a dim bead field's loss dipped once at it. 370 of 1000, and
+        ``loss`` returned that estimate, its bead peak 0.88 × RL(100)'s, where the
+        settled end has 1.31 × (bench/README.md, "keep_best judged on the block mean").
     average : float
         Decay of an exponential moving average of the generator's output over the
         iterations (0: off, the last output is the estimate). Averaging cancels the
