@@ -162,3 +162,14 @@ def test_every_sweep_spec_names_known_cases_methods_and_settings(spec):
         config = RestoreConfig().with_(**overrides)
         if config.feature_weights is not None:
             weights_source(config.feature_weights)  # a shipped name or an existing file
+
+
+def test_keep_best_bench_picks_what_each_rule_judges_best():
+    """bench/keep_best.py's rules on a made-up log (blocks of 3): the own loss picks the
+    one-iteration dip, the block mean the start of a spike, ``block`` (the larger of the
+    two, as the library judges it) the steady block between them."""
+    import keep_best
+
+    losses = [5, 5, 5, 4, 4, 1, 2.5, 2.5, 2.5, 1, 1, 4]  # a dip, a steady block, a spike's start
+    picked = keep_best.picks(losses, logged=[2, 5, 8, 11], log_every=3)
+    assert picked == {"loss": 1, "mean": 3, "block": 2, "last": 3}
