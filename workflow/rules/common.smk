@@ -37,11 +37,21 @@ wildcard_constraints:
     part=r"p\d+",
 
 
+# Keys that change no output (a check that refuses or passes): flipping one reruns nothing.
+NEUTRAL = {"input": ("check_voxel_size",)}
+
+
 def settings(*keys, **parts):
     """The config a rule's outputs depend on, given to it as ``params``: Snakemake reruns the
     rule when it changes (rerun trigger "params") and says so ("Params have changed").
     """
-    return {**{key: config[key] for key in keys}, **parts}
+    return {
+        **{
+            key: {k: v for k, v in config[key].items() if k not in NEUTRAL.get(key, ())}
+            for key in keys
+        },
+        **parts,
+    }
 
 
 def groups_of_batch(wildcards):
