@@ -90,6 +90,31 @@ def test_saturated_pixels_are_lower_bounds_not_measurements():
     assert torch.equal(fit_rl(plain, config).estimate, fit_rl(above, config).estimate)
 
 
+def test_the_image_rl_input_treats_saturated_pixels_as_lower_bounds():
+    """With the ``image_rl`` generator input, the RL image the generator starts from is
+    censored like the fit: at the clipped beads it rises above the uncensored RL image
+    (by up to 1.4 %, median 0.3 %, after the 20 RL iterations from a flat start, which
+    barely reach the clipped level; the fit then censors in full). The features of
+    ``features_image`` keep channel 0 censored, the rest as they are."""
+    from cider.restore import crop_to_image, deconvolved_features
+
+    y, psf, _, spots = bead_field(1, 2000.0, gap=10)
+    level = float(np.floor(0.5 * y.max()))
+    clipped = np.minimum(y, level)
+    hit = [s for s in spots if y[s] >= level]
+    config = RestoreConfig(generator_input="image_rl", rl_iterations=20)
+    inputs = {}
+    for name, saturation in (("measured", None), ("censored", level)):
+        prepared = prepare(clipped, psf, config, saturation=saturation)
+        inputs[name] = crop_to_image(deconvolved_features(prepared, config)[0], psf.shape).numpy()
+    gain = box_sums(inputs["censored"], hit) / box_sums(inputs["measured"], hit)
+    assert gain.min() > 0.9995 and np.median(gain) > 1.002 and gain.max() > 1.01, gain
+    both = config.with_(generator_input="features_image")
+    measured = deconvolved_features(prepare(clipped, psf, both), both)
+    censored = deconvolved_features(prepare(clipped, psf, both, saturation=level), both)
+    assert not torch.equal(measured[0], censored[0]) and torch.equal(measured[1:], censored[1:])
+
+
 def test_stabilised_hessian_lifts_bead_peaks_above_rl():
     """The Hessian on the variance-stabilised scale charges a bright bead ∝ √amplitude: at
     2,000 photons and 1,000 iterations the restored peak is 1.71 × RL(100)'s (AMD EPYC,

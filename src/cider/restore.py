@@ -591,8 +591,28 @@ def deconvolved_features(
         return (0.1 * torch.rand(16, *object_shape, generator=rng)).to(y.device)
     features = raw_features(y, config)
     positive, low, scale = to_positive(features, config.feature_offset, ndim, value_range)
-    deconvolved = richardson_lucy(positive, psf, config.rl_iterations, boundary="valid")
+    deconvolved = richardson_lucy(
+        positive,
+        psf,
+        config.rl_iterations,
+        boundary="valid",
+        saturated=_saturated_channels(prepared, config, len(features)),
+    )
     return from_positive(deconvolved, low, scale, config.feature_offset)
+
+
+def _saturated_channels(prepared: Prepared, config: RestoreConfig, channels: int) -> torch.Tensor | None:
+    """Saturated pixels of the channels RL deconvolves that are the image itself (the
+    ``image_rl`` input, the first channel of ``features_image``): lower bounds there too,
+    as in the fit, since the positivity map is increasing. The learned features are not
+    monotone in the intensity, so their channels are taken as they are."""
+    if prepared.saturated is None or config.generator_input not in ("image_rl", "features_image"):
+        return None
+    mask = torch.zeros(
+        (channels, *prepared.saturated.shape), dtype=torch.bool, device=prepared.saturated.device
+    )
+    mask[0] = prepared.saturated
+    return mask
 
 
 def restore(
