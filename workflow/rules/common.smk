@@ -45,13 +45,13 @@ def settings(*keys, **parts):
     """The config a rule's outputs depend on, given to it as ``params``: Snakemake reruns the
     rule when it changes (rerun trigger "params") and says so ("Params have changed").
     """
-    return {
-        **{
-            key: {k: v for k, v in config[key].items() if k not in NEUTRAL.get(key, ())}
-            for key in keys
-        },
-        **parts,
-    }
+    return {**{key: _without_neutral(key) for key in keys}, **parts}
+
+
+def _without_neutral(key):
+    """``config[key]`` less its keys that change no output."""
+    neutral = NEUTRAL.get(key, ())
+    return {k: v for k, v in config[key].items() if k not in neutral}
 
 
 def groups_of_batch(wildcards):
