@@ -1008,6 +1008,10 @@ def test_the_plan_is_written_once_and_read_without_opening_the_inputs(tmp_path, 
     monkeypatch.setattr(io, "image_shape", no_reading)
     monkeypatch.setattr(io, "check_complete", no_reading)
     assert make_plan(config) == made
+    check = config["input"]["check_voxel_size"]
+    flipped = {**config, "input": {**config["input"], "check_voxel_size": not check}}
+    planning._stored_plan.cache_clear(), planning._cached_plan.cache_clear()
+    assert make_plan(flipped) == made  # a check's flip keeps the stored plan
     monkeypatch.undo()
 
     image = tifffile.imread(tmp_path / "input.tif")

@@ -3,7 +3,13 @@
 import sys
 
 from cider.errors import CiderError
-from cider.workflow import drop_stale_manifests, make_plan, paths, validate_config
+from cider.workflow import (
+    drop_stale_manifests,
+    make_plan,
+    output_settings,
+    paths,
+    validate_config,
+)
 
 if not config:
     raise CiderError(
@@ -37,21 +43,11 @@ wildcard_constraints:
     part=r"p\d+",
 
 
-# Keys that change no output (a check that refuses or passes): flipping one reruns nothing.
-NEUTRAL = {"input": ("check_voxel_size",)}
-
-
 def settings(*keys, **parts):
     """The config a rule's outputs depend on, given to it as ``params``: Snakemake reruns the
     rule when it changes (rerun trigger "params") and says so ("Params have changed").
     """
-    return {**{key: _without_neutral(key) for key in keys}, **parts}
-
-
-def _without_neutral(key):
-    """``config[key]`` less its keys that change no output."""
-    neutral = NEUTRAL.get(key, ())
-    return {k: v for k, v in config[key].items() if k not in neutral}
+    return {**{key: output_settings(config, key) for key in keys}, **parts}
 
 
 def groups_of_batch(wildcards):

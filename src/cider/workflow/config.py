@@ -17,6 +17,19 @@ SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 MODALITY_SETTINGS = {"fluorescence": FLUORESCENCE, "brightfield": {}}
 # PSF models of fluorescence optics: with restore.modality auto they mean fluorescence.
 FLUORESCENCE_PSF_MODELS = ("widefield", "lightsheet")
+# Keys that change no output (a check that refuses or passes): flipping one keeps the plan
+# and reruns no rule.
+NEUTRAL = {"input": ("check_voxel_size",)}
+
+
+def output_settings(config: dict, key: str):
+    """``config[key]`` less its keys that change no output (:data:`NEUTRAL`): what the plan
+    and the rules' ``params`` compare between runs."""
+    value = config.get(key)
+    neutral = NEUTRAL.get(key)
+    if not neutral or not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items() if k not in neutral}
 
 
 def _fill_defaults(schema: dict, data: dict) -> dict:

@@ -17,6 +17,7 @@ from .. import io
 from ..errors import CiderError
 from ..memory import fit_memory_bytes, largest_batch, largest_tile
 from ..tiling import Tile, minimum_margin, tile_grid, unit_name
+from .config import output_settings
 from .layout import paths
 from .optics import make_psf
 
@@ -531,7 +532,7 @@ def make_plan(config: dict) -> Plan:
     as the settings, the list of input files and their fingerprints are unchanged (a
     ``stat`` per file); otherwise the plan is made anew and rewritten. Cached per process.
     """
-    settings = {key: config.get(key) for key in PLAN_KEYS}
+    settings = {key: output_settings(config, key) for key in PLAN_KEYS}
     return _stored_plan(json.dumps(settings, sort_keys=True, default=str))
 
 
