@@ -173,9 +173,10 @@ class RestoreConfig:
         larger of the two also passes over the first iteration of a spike, whose block
         mean is still low (Levin im1_k1, CPU: the mean alone returned it. 590, 32.68 dB,
         own loss and ``block`` it. 570, 33.13 dB). ``block`` is part of ``FLUORESCENCE``:
-        with the data term a dim bead field's loss dipped once at it. 370 of 1000, and
-        ``loss`` returned that estimate, its bead peak 0.88 × RL(100)'s, where the
-        settled end has 1.31 × (bench/README.md, "keep_best judged on the block mean").
+        with the data term a dim bead field's loss (an earlier draw of it) dipped once at
+        it. 370 of 1000, and ``loss`` returned that estimate, its bead peak 0.88 ×
+        RL(100)'s, where the settled end has 1.31 × (bench/README.md, "keep_best judged
+        on the block mean").
     average : float
         Decay of an exponential moving average of the generator's output over the
         iterations (0: off, the last output is the estimate). Averaging cancels the
