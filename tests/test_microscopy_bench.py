@@ -211,16 +211,11 @@ def test_a_seed_draws_the_same_noise_whatever_the_fft_round_off():
     ).numpy()
     dark = np.abs(blurred) < 1e-12 * blurred.max()
     assert dark.sum() > 100  # the field has a dark region, where round-off decides
-    draws = []
-    for sign in (1.0, -1.0):
-        perturbed = np.where(dark, sign * 1e-15 * blurred.max(), blurred)
-        draws.append(np.random.default_rng(0).poisson(noise_free(perturbed)))
+    rounded = [np.where(dark, sign * 1e-15 * blurred.max(), blurred) for sign in (1.0, -1.0)]
+    draws = [np.random.default_rng(0).poisson(noise_free(mean)) for mean in rounded]
     assert np.array_equal(*draws)
     # without the clean-up the two round-offs give two different draws
-    plain = [
-        np.random.default_rng(0).poisson(np.clip(np.where(dark, s * 1e-15 * blurred.max(), blurred), 0, None))
-        for s in (1.0, -1.0)
-    ]
+    plain = [np.random.default_rng(0).poisson(np.clip(mean, 0, None)) for mean in rounded]
     assert not np.array_equal(*plain)
     # and the field drawn here is the one every CPU draws (sum of its photons)
     assert observation.sum() == 4066.0
