@@ -457,6 +457,33 @@ def test_the_report_warns_when_the_images_do_not_look_like_their_modality(tmp_pa
     assert "look like bright field" in bright_note and "set restore.modality: brightfield" in bright_note
 
 
+def test_the_report_warns_when_a_data_term_fit_ends_far_above_the_noise_level(tmp_path):
+    """A fit with a data term whose tiles end at a median χ² of 25 (flowdec bars' regime: a
+    PSF that does not match the data) gets a 'Check' note naming χ² and data_weight; χ²
+    near 1, no data term, or plain RL get none."""
+    from cider.workflow.report import data_term_notes
+
+    def config(**restore):
+        return validate_config(
+            {
+                "name": "c",
+                "input": {"path": str(tmp_path / "in.tif"), "axes": "YX", "voxel_size": [0.1, 0.1]},
+                "psf": {"model": "widefield"},
+                "output_dir": str(tmp_path),
+                "restore": restore,
+            }
+        )
+
+    fluorescence = config()  # auto: a widefield PSF model means fluorescence, data_weight 100
+    assert fluorescence["restore"]["data_weight"] == 100.0
+    (note,) = data_term_notes(fluorescence, 25.0)
+    assert "median χ² of 25" in note and "restore.data_weight 100" in note
+    assert "try restore.data_weight: 0" in note
+    assert data_term_notes(fluorescence, 0.9) == [] and data_term_notes(fluorescence, None) == []
+    assert data_term_notes(config(data_weight=0.0), 25.0) == []
+    assert data_term_notes(config(method="rl"), 25.0) == []
+
+
 def test_the_report_names_images_that_reach_their_cameras_full_scale(tmp_path):
     """uint16 beads clipped at 4095 (a 12-bit camera) in one of two images: a Check note
     names it with its count; the unclipped image and float data (no full scale) are not."""
