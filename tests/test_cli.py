@@ -81,13 +81,23 @@ def test_fluorescence_flag_sets_the_fluorescence_settings_and_says_so(tmp_path, 
     assert cli.main([*args, "--iterations", "3", "--quiet", "--fluorescence"]) == 0
     said = capsys.readouterr()
     settings = json.loads(said.out)["settings"]
+    # 3 iterations leave the noiseless blobs far from their data: the data term's fit is said to be off
+    chi2 = json.loads(said.out)["chi2"]
+    assert chi2 > 4 and f"the fit ended at chi2 {chi2:.3g}" in said.err
     assert settings["data_weight"] == 100.0 and settings["hessian_domain"] == "stabilised"
-    assert settings["keep_best_by"] == "block"
+    assert settings["keep_best_by"] == "block" and settings["feature_weights"] == "features_rl10.pt"
     assert settings["background"]["enabled"] is True and settings["iterations"] == 3
     assert "looks like" not in said.err
+    # --weights names another extractor: it wins over the fluorescence settings' one
+    assert (
+        cli.main([*args, "--iterations", "1", "--quiet", "--fluorescence", "--weights", "features.pt"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["settings"]["feature_weights"] == "features.pt"
     # the same dark-background image without the flag, and a bright field with it: a hint
     assert cli.main([*args, "--iterations", "3", "--quiet"]) == 0
-    assert "the image looks like fluorescence (mean" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "the image looks like fluorescence (mean" in said.err
+    assert json.loads(said.out)["chi2"] > 4 and "the fit ended at chi2" not in said.err  # no data term
     tifffile.imwrite(tmp_path / "in.tif", (1.2 - image).astype(np.float32))
     assert cli.main([*args, "--iterations", "3", "--quiet", "--fluorescence"]) == 0
     assert "the image looks like bright field (mean" in capsys.readouterr().err

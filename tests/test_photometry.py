@@ -45,7 +45,7 @@ def test_restored_beads_keep_flux_zero_and_exceed_the_observed_peak(seed, photon
     r = psf.shape[0] // 2
     reblurred = BlurOperator(prepared.psf, y.shape, "valid")(fit.estimate).numpy() * prepared.scale
     assert abs(reblurred[r:-r, r:-r].sum() / y[r:-r, r:-r].sum() - 1) < 0.01
-    # ... and the restored field holds the truth's flux within 8 %: measured +5.1 % at 400
+    # ... and the restored field holds the truth's flux within 8 %: measured +5.2 % at 400
     # photons, whose draw holds 3.9 % more photons than its mean (2.4 standard deviations:
     # 4,066 against 3,915), and +3.1 % at 2,000. Half of the truth's flux lies within a
     # PSF radius of the edge, where the data see only part of a bead's light. The old
@@ -54,8 +54,8 @@ def test_restored_beads_keep_flux_zero_and_exceed_the_observed_peak(seed, photon
     # Not capped at the brightest blurred value (the old sigmoid-on-[min, max] output was).
     assert x.max() > 2 * y.max(), (x.max(), y.max())
     # Integrated spot intensity (9-px boxes) within 5 % of the truth, median over beads:
-    # measured 4.5 % at 400 photons, where an oracle that knows the bead positions and the
-    # PSF is at 4.3 % (bench/beads.py), and 2.6 % at 2,000; 10–11 % before the flux factor
+    # measured 3.6 % at 400 photons (1 and 2 threads), where an oracle that knows the bead
+    # positions and the PSF is at 4.3 % (bench/beads.py), and 2.6 % at 2,000; 10–11 % before the flux factor
     # was taken on the field's interior.
     error = np.median(np.abs(box_sums(x, spots) / box_sums(truth, spots) - 1))
     assert error < 0.05, error
@@ -137,20 +137,23 @@ def test_stabilised_hessian_lifts_bead_peaks_above_rl():
 
 def test_fluorescence_settings_lift_a_dim_bead_field_above_rl():
     """The full fluorescence settings (``cider.FLUORESCENCE``: data term, stabilised
-    Hessian, ``keep_best_by: block``) on the dimmest field, whose beads sharpen slowly: at
-    1,000 iterations its peak is 1.04 × RL(100)'s on 1 thread and 0.86 × on 2 (the fit is
-    chaotic and still rising there), at 3,000 1.47 × / 1.35 ×, with the observed flux kept,
-    spot intensities at the noise floor and a dark background."""
+    Hessian, ``keep_best_by: block``, the ``features_rl10`` extractor) on the dimmest field,
+    whose beads sharpen slowly: at 1,000 iterations its peak is 1.16 × RL(100)'s on 1
+    thread and 1.25 × on 2 (issue #12 asks for ≥ 1 ×; with the shipped extractor it was
+    1.04 × / 0.86 ×), 1.32 × at 3,000 (bench/results/beads_fluorescence.md), with the
+    observed flux kept, spot intensities at the noise floor and a dark background. The fit
+    is chaotic on this field (the two thread counts part on the way), so the margin is
+    the issue's bound, not a measured value's."""
     y, psf, truth, spots = bead_field(seed=2, photons=400.0, gap=10)
-    config = FAST.with_(iterations=3000, **FLUORESCENCE)
+    config = FAST.with_(iterations=1000, **FLUORESCENCE)
     prepared = prepare(y, psf, config)
     fit = fit_generator(deconvolved_features(prepared, config), prepared, config)
     x = to_data_units(fit.estimate, prepared)
-    assert x.max() > 1.1 * rl100(y, psf).max(), (x.max(), rl100(y, psf).max())
+    assert x.max() > rl100(y, psf).max(), (x.max(), rl100(y, psf).max())
     r = psf.shape[0] // 2
     reblurred = BlurOperator(prepared.psf, y.shape, "valid")(fit.estimate).numpy() * prepared.scale
     assert abs(reblurred[r:-r, r:-r].sum() / y[r:-r, r:-r].sum() - 1) < 0.01
-    # Spot intensities near the noise floor: measured 3.1 / 2.8 % (1 / 2 threads); an
+    # Spot intensities near the noise floor: measured 3.8 / 3.6 % (1 / 2 threads); an
     # oracle that knows the bead positions and the PSF is at 2.7 % (bench/beads.py), RL(100)
     # at 2.5 %.
     error = np.median(np.abs(box_sums(x, spots) / box_sums(truth, spots) - 1))

@@ -372,29 +372,31 @@ def test_a_dataset_config_stands_alone(tmp_path):
     assert alone.returncode != 0 and "no config: give --configfile" in alone.stdout + alone.stderr
 
 
+FLUO = ("fluorescence", 100.0, "stabilised", "block", "features_rl10.pt")
+BRIGHT = ("brightfield", 0.0, "intensity", "loss", None)
+
+
 @pytest.mark.parametrize(
     "psf, restore, expected",
     [
         # fluorescence optics: the fluorescence settings (cider.FLUORESCENCE)
-        ({"model": "lightsheet"}, {}, ("fluorescence", 100.0, "stabilised", "block")),
-        ({"model": "widefield"}, {}, ("fluorescence", 100.0, "stabilised", "block")),
+        ({"model": "lightsheet"}, {}, FLUO),
+        ({"model": "widefield"}, {}, FLUO),
         # a keyed setting wins over the modality's
-        ({"model": "widefield"}, {"data_weight": 0.0}, ("fluorescence", 0.0, "stabilised", "block")),
-        ({"model": "widefield"}, {"keep_best_by": "loss"}, ("fluorescence", 100.0, "stabilised", "loss")),
+        ({"model": "widefield"}, {"data_weight": 0.0}, ("fluorescence", 0.0, *FLUO[2:])),
+        ({"model": "widefield"}, {"keep_best_by": "loss"}, (*FLUO[:3], "loss", FLUO[4])),
+        ({"model": "widefield"}, {"feature_weights": "features.pt"}, (*FLUO[:4], "features.pt")),
         # a measured or Gaussian PSF says nothing of the optics: the package defaults
-        ({"gaussian_sigma": 1.0}, {}, ("brightfield", 0.0, "intensity", "loss")),
-        (
-            {"gaussian_sigma": 1.0},
-            {"modality": "fluorescence"},
-            ("fluorescence", 100.0, "stabilised", "block"),
-        ),
-        ({"model": "lightsheet"}, {"modality": "brightfield"}, ("brightfield", 0.0, "intensity", "loss")),
+        ({"gaussian_sigma": 1.0}, {}, BRIGHT),
+        ({"gaussian_sigma": 1.0}, {"modality": "fluorescence"}, FLUO),
+        ({"model": "lightsheet"}, {"modality": "brightfield"}, BRIGHT),
     ],
 )
 def test_the_modality_sets_the_fluorescence_settings_unless_keyed(psf, restore, expected):
     """restore.modality (auto: fluorescence for a widefield or light-sheet PSF model) fills
-    data_weight, hessian_domain and keep_best_by; the resolved modality is what the config (and so the
-    output's provenance) holds; validating twice changes nothing; the fit gets the settings."""
+    data_weight, hessian_domain, keep_best_by and feature_weights; the resolved modality is
+    what the config (and so the output's provenance) holds; validating twice changes
+    nothing; the fit gets the settings."""
     from cider.workflow.steps import _restore_config
 
     config = {
@@ -408,10 +410,16 @@ def test_the_modality_sets_the_fluorescence_settings_unless_keyed(psf, restore, 
         config["psf"]["sheet_thickness"] = 2.0
     checked = validate_config(config)
     r = checked["restore"]
-    assert (r["modality"], r["data_weight"], r["hessian_domain"], r["keep_best_by"]) == expected
+    resolved = (r["modality"], r["data_weight"], r["hessian_domain"], r["keep_best_by"], r["feature_weights"])
+    assert resolved == expected
     assert validate_config(checked) == checked
     fitted = _restore_config(checked)
-    assert (fitted.data_weight, fitted.hessian_domain, fitted.keep_best_by) == expected[1:]
+    assert (
+        fitted.data_weight,
+        fitted.hessian_domain,
+        fitted.keep_best_by,
+        fitted.feature_weights,
+    ) == expected[1:]
 
 
 def test_the_report_warns_when_the_images_do_not_look_like_their_modality(tmp_path):

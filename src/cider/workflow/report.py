@@ -33,9 +33,6 @@ MOST_ROWS = 500  # tile rows in the page; every tile is in tiles.csv
 MOST_CURVES = 200  # loss curves drawn: flagged tiles first, then evenly spaced
 SEAM_LIMIT = 1.5  # a tile's boundary gradient ratio (output / input) above this: "seam"
 CHI2_OUTLIER = 3.0  # a tile's χ² above this × the run's median: "chi2 outlier"
-# A data-term fit whose tiles end at a median χ² above this: the model does not explain the
-# data at the noise level (synthetic fluorescence cases end at 0.6-1.0, flowdec bars at 21-38).
-CHI2_MISFIT = 4.0
 FLUX_RANGE = (0.8, 1.25)  # a flux factor outside: "flux factor"
 STILL_FALLING = 0.01  # loss fell by more than this share of its total fall in the last tenth
 COLOURS = {"ok": "#4caf50", "still improving": "#ff9800", "other": "#e53935"}
@@ -354,7 +351,7 @@ def modality_notes(config: dict, intensity: dict[str, dict]) -> list[str]:
 
 def data_term_notes(config: dict, median_chi2: float | None) -> list[str]:
     """A warning when a fit with a data term ends far above χ² = 1 (median over the tiles
-    above :data:`CHI2_MISFIT`).
+    above :data:`cider.restore.CHI2_MISFIT`).
 
     The residual is then not the noise the model expects (a PSF that does not match the
     data, a noise model that does not hold), and the data term fits what the model cannot
@@ -362,6 +359,8 @@ def data_term_notes(config: dict, median_chi2: float | None) -> list[str]:
     ``data_weight: 0`` (bench/README.md, "As the pipeline runs it"). None for plain RL or
     without a data term.
     """
+    from ..restore import CHI2_MISFIT
+
     restore = config["restore"]
     if restore["method"] == "rl" or not restore["data_weight"] or median_chi2 is None:
         return []
