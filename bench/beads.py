@@ -2,7 +2,8 @@
 
     python bench/beads.py                        # both Hessian domains, 300 and 1000 it.
     python bench/beads.py --iterations 150 --domains stabilised
-    python bench/beads.py --domains stabilised --set data_weight=100 --iterations 1000 3000 --tag _fluorescence
+    python bench/beads.py --domains stabilised --iterations 1000 3000 --tag _fluorescence \
+        --set data_weight=100 keep_best_by=block feature_weights=features_rl10.pt
 
 Fields (``microscopy_data.bead_field``): point-like beads (one pixel each) blurred by a
 Gaussian PSF (σ 2 px), Poisson noise, beads ≥ 10 px apart: 64 × 64 px fields of 12
@@ -10,8 +11,8 @@ beads at 400 and at 2,000 photons per bead (two seeds at 400) and a single bead 
 on a zero background; and issue #12's own field, ``issue_25_bg100``: 25 beads of
 660–1,100 photons on a flat background of 100 photons per pixel, 96 × 96 px.
 For each, CiDeR (package defaults, ``rl_iterations`` 20, the given ``hessian_domain``
-and iteration count, ``--set`` overrides: ``data_weight=100`` with ``stabilised`` is
-``cider.FLUORESCENCE``; on a field with a background, wavelet background removal on, as
+and iteration count, ``--set`` overrides: ``data_weight=100 keep_best_by=block
+feature_weights=features_rl10.pt`` with ``stabilised`` is ``cider.FLUORESCENCE``; on a field with a background, wavelet background removal on, as
 ``cider restore --fluorescence`` runs) and RL at 100 iterations (what issue #12 compares
 peaks with).
 
