@@ -61,8 +61,8 @@ def _hint_misfit(chi2: float, config) -> None:
     print(
         f"cider restore: the fit ended at chi2 {chi2:.3g} (about 1 where the model explains the data down "
         "to its noise): the data term fits what the PSF or the noise model cannot explain. Check the PSF, "
-        "or try without the data term (leave out --fluorescence); on a 3D benchmark with a mismatched PSF "
-        "that restored 0.8-1.3 dB better",
+        "or try without the data term (leave out --fluorescence); on a 3D benchmark whose PSF does not "
+        "explain its data that restored 0.8-1.3 dB better",
         file=sys.stderr,
     )
 

@@ -355,9 +355,9 @@ def data_term_notes(config: dict, median_chi2: float | None) -> list[str]:
 
     The residual is then not the noise the model expects (a PSF that does not match the
     data, a noise model that does not hold), and the data term fits what the model cannot
-    explain: on flowdec bars (χ² 21-38) the fluorescence settings lost 0.8-1.3 dB to
-    ``data_weight: 0`` (bench/README.md, "As the pipeline runs it"). None for plain RL or
-    without a data term.
+    explain: on flowdec bars (χ² 21-38) the fluorescence settings lost 0.8-1.3 dB to the
+    brightfield ones, which have no data term (bench/README.md, "As the pipeline runs
+    it"). None for plain RL or without a data term.
     """
     from ..restore import CHI2_MISFIT
 
@@ -370,8 +370,8 @@ def data_term_notes(config: dict, median_chi2: float | None) -> list[str]:
         f"the fitted tiles end at a median χ² of {median_chi2:.3g} (about 1 where the model explains the "
         f"data down to its noise) with restore.data_weight {restore['data_weight']:g}: the data term fits "
         "what the PSF or the noise model cannot explain. Check that the PSF was measured or modelled for "
-        "this acquisition and sampling, or try restore.data_weight: 0 (on a 3D benchmark with a "
-        "mismatched PSF it restored 0.8-1.3 dB better)."
+        "this acquisition and sampling, or try restore.data_weight: 0 (on a 3D benchmark whose PSF does "
+        "not explain its data, the settings without a data term restored 0.8-1.3 dB better)."
     ]
 
 
