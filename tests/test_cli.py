@@ -103,6 +103,32 @@ def test_fluorescence_flag_sets_the_fluorescence_settings_and_says_so(tmp_path, 
     assert "the image looks like bright field (mean" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [[], ["--fluorescence"]])
+def test_offset_flag_restores_as_the_data_without_the_offset(tmp_path, capsys, flags):
+    """Counts on a camera offset of 100 with --offset 100 restore to the counts' own result,
+    bit for bit, with and without background removal (--fluorescence turns it on); the
+    offset is recorded in the output and the summary."""
+    counts = np.random.default_rng(3).poisson(blobs((40, 40), 6) * 200 + 3).astype(np.float32)
+    tifffile.imwrite(tmp_path / "plain.tif", counts)
+    tifffile.imwrite(tmp_path / "camera.tif", counts + 100)
+    common = ["--gaussian-sigma", "1.2", "--iterations", "2", "--quiet", *flags]
+    plain = ["restore", str(tmp_path / "plain.tif"), "-o", str(tmp_path / "a.tif"), *common]
+    camera = [
+        "restore",
+        str(tmp_path / "camera.tif"),
+        "-o",
+        str(tmp_path / "b.tif"),
+        "--offset",
+        "100",
+        *common,
+    ]
+    assert cli.main(plain) == 0 and cli.main(camera) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "a.tif"), tifffile.imread(tmp_path / "b.tif"))
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["offset"] == 100.0
+    with tifffile.TiffFile(tmp_path / "b.tif") as tif:
+        assert json.loads(tif.pages[0].description)["cider"]["offset"] == 100.0
+
+
 def test_voxel_sizes_reach_the_fit_and_the_psf_and_the_output_records_them(tmp_path, capsys):
     """A z step 2.5× xy (--voxel) and a bead PSF sampled at half the image's z step
     (--psf-voxel): the PSF is resampled (said), the fit gets the voxel size (equal to the

@@ -547,6 +547,47 @@ def test_the_report_names_images_that_reach_their_cameras_full_scale(tmp_path):
         assert _prepared_tile(off, tile)[0].saturated is None
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_a_camera_offset_restores_as_the_data_without_it(tmp_path, background):
+    """uint16 beads on a camera offset of 100 with input.offset 100 give the background
+    job's records (scale, mean, noise model, feature range) and every tile's prepared
+    observation of the same beads without the offset, bit for bit, with the wavelet
+    background off and on."""
+    from scipy.ndimage import gaussian_filter
+
+    from cider.workflow import run_background, run_prepare
+    from cider.workflow.report import intensity_records
+    from cider.workflow.steps import _prepared_tile
+
+    rng = np.random.default_rng(2)
+    beads = np.zeros((48, 40))
+    beads[rng.integers(4, 44, 6), rng.integers(4, 36, 6)] = 20_000.0
+    counts = rng.poisson(gaussian_filter(beads, 2.0) + 3)
+    runs = {}
+    for name, data, offset in (("plain", counts, 0), ("offset", counts + 100, 100)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", data.astype(np.uint16))
+        source = {"path": str(tmp_path / f"{name}.tif"), "axes": "YX", "voxel_size": [0.2, 0.2]}
+        config = validate_config(
+            {
+                "name": name,
+                "input": source | {"offset": offset},
+                "psf": {"gaussian_sigma": 1.5},
+                "output_dir": str(tmp_path / f"out_{name}"),
+                "tiling": {"tile_size": [32, 32]},
+                "background": {"enabled": background},
+            }
+        )
+        run_prepare(config)
+        run_background(config, "g0")
+        tiles = [_prepared_tile(config, tile)[0] for tile in make_plan(config).tiles_of("u000")]
+        runs[name] = intensity_records(config)["u000"], tiles
+    (plain, plain_tiles), (shifted, shifted_tiles) = runs["plain"], runs["offset"]
+    assert shifted == plain
+    assert len(plain_tiles) == len(shifted_tiles) > 1
+    for a, b in zip(plain_tiles, shifted_tiles):
+        assert torch.equal(a.observation, b.observation) and a.scale == b.scale
+
+
 def test_an_input_whose_metadata_state_another_voxel_size_is_refused(tmp_path, capsys):
     """An OME-TIFF stating z 0.5 µm against input.voxel_size z 1.0: prepare stops naming the
     file, both sizes and the two ways out; matching metadata or check_voxel_size false run.

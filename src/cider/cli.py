@@ -21,6 +21,7 @@ examples:
   cider restore cells.png --gaussian-sigma 1.5 --iterations 500 -o restored.png
   cider restore stack.tif --psf psf.tif --background --sparsity 0.5 -o restored.tif
   cider restore beads.tif --psf psf.tif --fluorescence -o restored.tif
+  cider restore spots.tif --psf psf.tif --offset 100 -o restored.tif
   cider restore stack.tif --psf bead.tif --voxel 0.5 0.2 0.2 --psf-voxel 0.25 0.1 0.1 --fluorescence -o out.tif
   cider psf --gaussian 1.5 -o psf.tif
   cider psf --widefield --na 1.4 --wavelength 0.52 --voxel 0.3 0.1 0.1 --shape 31 31 31 -o psf.tif
@@ -113,9 +114,10 @@ def _restore(args: argparse.Namespace) -> int:
             config = config.with_(feature_weights=args.weights)
     if args.rl is not None:
         config = config.with_(method="rl", rl_iterations=args.rl)
-    _hint_modality(image, args)
+    _hint_modality(image - args.offset, args)
     saturation = _saturation(image, args.saturation)
-    result = restore(image, psf, config, voxel_size=args.voxel, saturation=saturation)
+    background = _offset_background(image, args.offset, config)
+    result = restore(image, psf, config, background=background, voxel_size=args.voxel, saturation=saturation)
     _hint_misfit(result.chi2, config)
     restored, text = result.restored, None
     suffix = Path(args.output).suffix.lower()
@@ -128,7 +130,7 @@ def _restore(args: argparse.Namespace) -> int:
             "cider restore: an NPY file holds no metadata: the settings are in the JSON below",
             file=sys.stderr,
         )
-    made = _provenance(args, config, psf_notes) | {"saturation": saturation}
+    made = _provenance(args, config, psf_notes) | {"saturation": saturation, "offset": args.offset}
     io.write_image(args.output, restored, text=text, provenance=made)
     summary = {
         "output": str(args.output),
@@ -139,9 +141,23 @@ def _restore(args: argparse.Namespace) -> int:
         "stopped": result.stopped,
         "seconds": {k: round(v, 2) for k, v in result.timings.items()},
         "settings": _changed_settings(config),
+        "offset": args.offset,
     }
     print(json.dumps(summary))
     return 0
+
+
+def _offset_background(image: np.ndarray, offset: float, config):
+    """What to subtract before the fit: ``--offset`` (a camera offset), plus the wavelet
+    background of the offset-free image when ``--background``/``--fluorescence`` asks for
+    one; ``None`` without an offset (restore then estimates the background itself)."""
+    from .background import wavelet_background
+
+    if not offset:
+        return None
+    if not config.background.enabled:
+        return offset
+    return offset + wavelet_background(image - offset, config.background)
 
 
 def _saturation(image: np.ndarray, choice: str) -> float | None:
@@ -349,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, help="generator fit iterations (default 3000)")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     r.add_argument("--background", action="store_true", help="remove a wavelet background first")
+    r.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        help="camera offset (dark level) in the image's units, subtracted first; the output is above it",
+    )
     r.add_argument(
         "--fluorescence",
         action="store_true",

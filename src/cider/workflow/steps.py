@@ -220,14 +220,16 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
     into ``root[unit_id]`` (a chunked Zarr array; only when background removal is on), with
     the maximum, mean and range of the background-free data and the Haar samples of the
     noise fit (from evenly spaced planes, ≤ ``NOISE_SAMPLES``); (3) the feature range of
-    the scaled data, by windows (:func:`_feature_range`). Memory: a plane and one window's
-    features, not the unit.
+    the scaled data, by windows (:func:`_feature_range`). ``input.offset`` (a camera
+    offset) is subtracted from each plane first; the saturation record is of the raw
+    values. Memory: a plane and one window's features, not the unit.
     """
     from ..background import plane_background
     from ..noise import fit_noise, haar_samples
     from ..restore import full_scale
 
     data = unit_array(config, unit_id)
+    offset = float(config["input"]["offset"])
     shape = data.shape
     planes = [slice(None)] if len(shape) == 2 else list(range(shape[0]))  # data[z] is 2D
     bg_cfg = BackgroundConfig(**config["background"])
@@ -235,7 +237,7 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
     if bg_cfg.enabled:
         chunks = data.chunks if len(shape) == 2 else (1, *data.chunks[-2:])  # written plane by plane
         background = root.create_array(unit_id, shape=shape, chunks=chunks, dtype="float32")
-        peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64)).max()) for z in planes) or 1.0
+        peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64) - offset).max()) for z in planes) or 1.0
     sampled = _noise_planes(len(planes), int(np.prod(shape[-2:])) // 4)
     high, low, total, details, means = -np.inf, np.inf, 0.0, [], []
     raw_high, at_raw_high = -np.inf, 0
@@ -245,6 +247,7 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         if top >= raw_high:
             at_raw_high = (at_raw_high if top == raw_high else 0) + int(np.count_nonzero(plane == top))
             raw_high = top
+        plane = plane - offset
         if background is not None:
             removed = plane_background(plane, bg_cfg, peak)
             background[z] = removed.astype(np.float32)
@@ -264,7 +267,7 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
     level = full_scale(data.dtype, float(raw_high), at_raw_high)
     intensity["saturated"] = {"value": level, "count": at_raw_high} if level is not None else None
     rcfg = _restore_config(config, device="cpu")
-    value_range = _feature_range(data, background, scale, rcfg)
+    value_range = _feature_range(data, background, scale, rcfg, offset)
     if value_range is not None:
         intensity["feature_low"], intensity["feature_high"] = value_range
         intensity["feature_source"] = _feature_source(rcfg)
@@ -289,13 +292,16 @@ def _noise_planes(count: int, blocks_per_plane: int) -> set[int]:
 FEATURE_HALO = 16  # px around a window: the extractor's 7 layers of 5 × 5 convolutions reach 14
 
 
-def _feature_range(data, background, scale: float, rcfg, planes: int = 4, window: int = 256):
+def _feature_range(
+    data, background, scale: float, rcfg, offset: float = 0.0, planes: int = 4, window: int = 256
+):
     """The whole unit's per-channel feature range (one positivity map for all its tiles).
 
     Computed on windows of ``planes`` planes × ``window``² pixels, each read with a halo of
     ``FEATURE_HALO`` pixels and cropped back, so the features inside a window are the
     whole plane's (the extractor's receptive field fits in the halo) while memory stays
-    at one window's feature maps, whatever the plane size.
+    at one window's feature maps, whatever the plane size. ``offset`` (``input.offset``)
+    and ``background`` are subtracted from each window first.
     """
     import torch
 
@@ -311,7 +317,7 @@ def _feature_range(data, background, scale: float, rcfg, planes: int = 4, window
                 (max(0, a - FEATURE_HALO), min(n, b + FEATURE_HALO)) for (a, b), n in zip(core, plane_shape)
             )
             index = (() if data.ndim == 2 else (slab,)) + tuple(slice(a, b) for a, b in read)
-            observation = np.asarray(data[index], dtype=np.float64)
+            observation = np.asarray(data[index], dtype=np.float64) - offset
             if background is not None:
                 observation = observation - np.asarray(background[index], dtype=np.float64)
             with torch.no_grad():
@@ -340,6 +346,9 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         if config["background"]["enabled"]
         else None
     )
+    offset = float(config["input"]["offset"])
+    if offset:  # subtracted with the background, after the saturation mask of the raw data
+        background = offset if background is None else background.astype(np.float64) + offset
     intensity = _intensity_records(str(p.intensity(group)))[unit_id]
     saturation = config["input"]["saturation"]
     if saturation == "auto":
