@@ -14,9 +14,9 @@ same field with that background given as a known camera offset (``issue_25_bg100
 as ``input.offset`` runs: subtracted before the fit, background removal off).
 For each, CiDeR (package defaults, ``rl_iterations`` 20, the given ``hessian_domain``
 and iteration count, ``--set`` overrides: ``data_weight=100 keep_best_by=block
-feature_weights=features_rl10.pt`` with ``stabilised`` is ``cider.FLUORESCENCE``; on a field with a background, wavelet background removal on, as
-``cider restore --fluorescence`` runs) and RL at 100 iterations (what issue #12 compares
-peaks with).
+feature_weights=features_rl10.pt`` with ``stabilised`` is ``cider.FLUORESCENCE``; on a
+field with a background, wavelet background removal on, as ``cider restore
+--fluorescence`` runs) and RL at 100 iterations (what issue #12 compares peaks with).
 
 Intensities are the signal above the background: the truth's less its flat background;
 RL's and the data's less the known background (their best case: a user would have to
@@ -125,7 +125,7 @@ def run_field(name: str, domain: str, iterations: int, overrides: dict | None = 
         **(overrides or {}),
     )
     start = time.perf_counter()
-    prepared = prepare(observation, psf, config, background=background if known_offset else None)
+    prepared = prepare(observation, psf, config, offset=background if known_offset else 0.0)
     fit = fit_generator(deconvolved_features(prepared, config), prepared, config)
     restored = to_data_units(fit.estimate, prepared)
     seconds = time.perf_counter() - start

@@ -116,8 +116,7 @@ def _restore(args: argparse.Namespace) -> int:
         config = config.with_(method="rl", rl_iterations=args.rl)
     _hint_modality(image - args.offset, args)
     saturation = _saturation(image, args.saturation)
-    background = _offset_background(image, args.offset, config)
-    result = restore(image, psf, config, background=background, voxel_size=args.voxel, saturation=saturation)
+    result = restore(image, psf, config, voxel_size=args.voxel, saturation=saturation, offset=args.offset)
     _hint_misfit(result.chi2, config)
     restored, text = result.restored, None
     suffix = Path(args.output).suffix.lower()
@@ -145,19 +144,6 @@ def _restore(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
-
-
-def _offset_background(image: np.ndarray, offset: float, config):
-    """What to subtract before the fit: ``--offset`` (a camera offset), plus the wavelet
-    background of the offset-free image when ``--background``/``--fluorescence`` asks for
-    one; ``None`` without an offset (restore then estimates the background itself)."""
-    from .background import wavelet_background
-
-    if not offset:
-        return None
-    if not config.background.enabled:
-        return offset
-    return offset + wavelet_background(image - offset, config.background)
 
 
 def _saturation(image: np.ndarray, choice: str) -> float | None:

@@ -449,8 +449,9 @@ def prepare(
     mean_signal: float | None = None,
     voxel_size: Sequence[float] | None = None,
     saturation: float | None = None,
+    offset: float = 0.0,
 ) -> Prepared:
-    """Validate inputs, remove the background, divide by one intensity scale.
+    """Validate inputs, remove the offset and background, divide by one intensity scale.
 
     Parameters
     ----------
@@ -481,6 +482,10 @@ def prepare(
         The camera's full scale in the image's units (e.g. :func:`full_scale`): pixels at
         or above it are saturated, their true value unknown but at least the data. They
         are censored in the fit (a lower bound, see :class:`Prepared`). Default: none.
+    offset : float, optional
+        A camera offset (dark level) in the image's units, subtracted first: the
+        background (given or estimated), the noise model and the scale are of the data
+        above it. The saturation level is of the raw values. Default: 0.
     device : torch.device, optional
         Default: ``resolve_device(config.device)``.
     """
@@ -494,6 +499,8 @@ def prepare(
                 f"voxel_size {voxel_size}: give {image.ndim} positive values, one per image axis"
             )
     device = device or resolve_device(config.device)
+    if offset:
+        image = image - offset
     if background is not None:
         image = image - np.asarray(background, dtype=np.float64)
     elif config.background.enabled:
@@ -636,6 +643,7 @@ def restore(
     scale: float | None = None,
     voxel_size: Sequence[float] | None = None,
     saturation: float | None = None,
+    offset: float = 0.0,
 ) -> Result:
     """Restore one 2D image or 3D volume with CiDeR (or plain RL: ``config.method``).
 
@@ -647,7 +655,7 @@ def restore(
         PSF with the same number of axes, applied by convolution.
     config : RestoreConfig, optional
         Settings; default ``RestoreConfig()`` (3000 iterations, paper schedule).
-    background, scale, voxel_size, saturation
+    background, scale, voxel_size, saturation, offset
         See :func:`prepare`.
 
     Returns
@@ -666,7 +674,9 @@ def restore(
     config = config or RestoreConfig()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared = prepare(image, psf, config, background, scale, voxel_size=voxel_size, saturation=saturation)
+    prepared = prepare(
+        image, psf, config, background, scale, voxel_size=voxel_size, saturation=saturation, offset=offset
+    )
     device = prepared.observation.device
     timings["prepare"] = time.perf_counter() - start
     if config.method == "rl":

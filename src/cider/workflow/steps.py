@@ -346,9 +346,6 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         if config["background"]["enabled"]
         else None
     )
-    offset = float(config["input"]["offset"])
-    if offset:  # subtracted with the background, after the saturation mask of the raw data
-        background = offset if background is None else background.astype(np.float64) + offset
     intensity = _intensity_records(str(p.intensity(group)))[unit_id]
     saturation = config["input"]["saturation"]
     if saturation == "auto":
@@ -367,6 +364,7 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         mean_signal=intensity["mean"],
         voxel_size=config["input"]["voxel_size"],
         saturation=saturation,
+        offset=float(config["input"]["offset"]),
     )
     return prepared, rcfg, intensity
 
