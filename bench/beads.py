@@ -11,12 +11,15 @@ beads at 400 and at 2,000 photons per bead (two seeds at 400) and a single bead 
 on a zero background; and issue #12's own field, ``issue_25_bg100``: 25 beads of
 660–1,100 photons on a flat background of 100 photons per pixel, 96 × 96 px, and the
 same field with that background given as a known camera offset (``issue_25_bg100_offset``,
-as ``input.offset`` runs: subtracted before the fit, background removal off).
+as ``input.offset`` runs: subtracted before the fit, background removal off) and with it
+estimated as one flat level (``issue_25_bg100_flat``, ``background.method: flat``).
 For each, CiDeR (package defaults, ``rl_iterations`` 20, the given ``hessian_domain``
 and iteration count, ``--set`` overrides: ``data_weight=100 keep_best_by=block
 feature_weights=features_rl10.pt`` with ``stabilised`` is ``cider.FLUORESCENCE``; on a
 field with a background, wavelet background removal on, as ``cider restore
 --fluorescence`` runs) and RL at 100 iterations (what issue #12 compares peaks with).
+
+For ``flat`` the estimated level is in the JSON rows (``background_level``, photons).
 
 Intensities are the signal above the background: the truth's less its flat background;
 RL's and the data's less the known background (their best case: a user would have to
@@ -67,20 +70,43 @@ FIELDS = {  # name: (seed, photons per bead, number of beads, background, side i
     "single_400_s3": (3, 400.0, 1, 0.0, 64),
     "issue_25_bg100": (4, 1100.0, 25, 100.0, 96),
 }
-# A field restored with its flat background given as a known camera offset, as
+# A field restored with its flat background handled otherwise than by the wavelet
+# estimate: name → (the field it reuses, how). "offset": given as a known camera offset, as
 # ``input.offset`` / ``cider restore --offset`` do (subtracted before the fit, background
-# removal off): name → the field it reuses.
-OFFSET_FIELDS = {"issue_25_bg100_offset": "issue_25_bg100"}
+# removal off); "flat": estimated as one flat level (``background.method: flat``).
+VARIANTS = {
+    "issue_25_bg100_offset": ("issue_25_bg100", "offset"),
+    "issue_25_bg100_flat": ("issue_25_bg100", "flat"),
+}
+
+
+def source_field(name: str) -> str:
+    """The :data:`FIELDS` entry a field name draws: itself, or the one a variant reuses."""
+    return VARIANTS[name][0] if name in VARIANTS else name
 
 
 def load_field(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, float]:
-    """One of :data:`FIELDS`: observation, PSF, the truth's signal (less its flat
-    background), bead centres and that background."""
-    seed, photons, count, background, side = FIELDS[name]
+    """One of :data:`FIELDS` (or the field a :data:`VARIANTS` name reuses): observation,
+    PSF, the truth's signal (less its flat background), bead centres and that background."""
+    seed, photons, count, background, side = FIELDS[source_field(name)]
     observation, psf, truth, spots = bead_field(
         seed, photons, background=background, shape=(side, side), gap=10, count=count
     )
     return observation, psf, truth - background, spots, background
+
+
+def field_config(name: str, **settings) -> tuple[RestoreConfig, float]:
+    """How a field is restored: its RestoreConfig (``rl_iterations`` 20, ``settings``, and
+    background removal on a field with a background: the wavelet estimate, or the flat
+    level for a ``flat`` variant, off for an ``offset`` one) and the offset to subtract
+    (an ``offset`` variant's background, else 0)."""
+    source, route = VARIANTS.get(name, (name, "wavelet"))
+    background = FIELDS[source][3]
+    removal = BackgroundConfig(
+        enabled=background > 0 and route != "offset", method="flat" if route == "flat" else "wavelet"
+    )
+    config = RestoreConfig(rl_iterations=20, background=removal, **settings)
+    return config, background if route == "offset" else 0.0
 
 
 def rl100(observation: np.ndarray, psf: np.ndarray) -> np.ndarray:
@@ -115,17 +141,10 @@ def spot_error(image: np.ndarray, truth: np.ndarray, spots) -> float:
 
 
 def run_field(name: str, domain: str, iterations: int, overrides: dict | None = None) -> dict:
-    known_offset = name in OFFSET_FIELDS
-    observation, psf, truth, spots, background = load_field(OFFSET_FIELDS.get(name, name))
-    config = RestoreConfig(
-        iterations=iterations,
-        rl_iterations=20,
-        hessian_domain=domain,
-        background=BackgroundConfig(enabled=background > 0 and not known_offset),
-        **(overrides or {}),
-    )
+    observation, psf, truth, spots, background = load_field(name)
+    config, offset = field_config(name, iterations=iterations, hessian_domain=domain, **(overrides or {}))
     start = time.perf_counter()
-    prepared = prepare(observation, psf, config, offset=background if known_offset else 0.0)
+    prepared = prepare(observation, psf, config, offset=offset)
     fit = fit_generator(deconvolved_features(prepared, config), prepared, config)
     restored = to_data_units(fit.estimate, prepared)
     seconds = time.perf_counter() - start
@@ -133,9 +152,10 @@ def run_field(name: str, domain: str, iterations: int, overrides: dict | None = 
     restored_background = background_median(restored, spots)
     return {
         "field": name,
-        "photons": FIELDS[OFFSET_FIELDS.get(name, name)][1],
+        "photons": FIELDS[source_field(name)][1],
         "beads": len(spots),
         "background": background,
+        "background_level": prepared.background_level,
         "hessian_domain": domain,
         "iterations": iterations,
         "overrides": overrides or {},
@@ -181,7 +201,7 @@ def table(rows: list[dict], device: str) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    fields = [*FIELDS, *OFFSET_FIELDS]
+    fields = [*FIELDS, *VARIANTS]
     parser.add_argument("--fields", nargs="+", default=fields, choices=fields)
     parser.add_argument("--domains", nargs="+", default=["intensity", "stabilised"])
     parser.add_argument("--iterations", nargs="+", type=int, default=[300, 1000])

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import levin  # noqa: E402
-from beads import FIELDS, load_field, rl100, spot_error  # noqa: E402
+from beads import FIELDS, field_config, load_field, rl100, spot_error  # noqa: E402
 from levin_protocol import load_case as levin_case  # noqa: E402
 from levin_protocol import score as levin_score  # noqa: E402
 from microscopy import score as microscopy_score  # noqa: E402
@@ -43,7 +43,6 @@ from microscopy_data import load_case, synthetic_case  # noqa: E402
 from schedules import settings as schedule_settings  # noqa: E402
 
 from cider import FLUORESCENCE, RestoreConfig  # noqa: E402
-from cider.background import BackgroundConfig  # noqa: E402
 from cider.fitting import _finish, _judged  # noqa: E402
 from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units  # noqa: E402
 from cider.rl import BlurOperator  # noqa: E402
@@ -113,13 +112,8 @@ def run_image(task: tuple[str, str, int]) -> dict:
         scores = {r: {"psnr": s["psnr"], "ssim": s["ssim"]} for r, s in scores.items()}
     else:
         observation, psf, truth, spots, background = load_field(name)
-        config = RestoreConfig(
-            iterations=iterations,
-            rl_iterations=20,
-            background=BackgroundConfig(enabled=background > 0),
-            **FLUORESCENCE,
-        )
-        chosen = fit_once(observation, psf, config)
+        config, offset = field_config(name, iterations=iterations, **FLUORESCENCE)
+        chosen = fit_once(observation, psf, config, offset=offset)
         peak = float(rl100(observation, psf).max()) - background
         scores = {
             r: {

@@ -129,6 +129,29 @@ def test_offset_flag_restores_as_the_data_without_the_offset(tmp_path, capsys, f
         assert json.loads(tif.pages[0].description)["cider"]["offset"] == 100.0
 
 
+def test_background_flat_subtracts_one_level_and_records_it(tmp_path, capsys):
+    """--fluorescence --background flat on faint beads over 100 counts: the flat method is
+    used (not the wavelet one --fluorescence turns on alone), its level is the library's
+    (within 0.6 of 100) and the summary and the output's provenance carry it."""
+    from cider.background import flat_background
+
+    from .test_background import _faint_beads
+
+    counts = _faint_beads(0, shape=(64, 64), count=10).astype(np.float32)
+    tifffile.imwrite(tmp_path / "beads.tif", counts)
+    args = ["restore", str(tmp_path / "beads.tif"), "--gaussian-sigma", "2", "--iterations", "1", "--quiet"]
+    assert cli.main([*args, "--fluorescence", "--background", "flat", "-o", str(tmp_path / "out.tif")]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["settings"]["background"]["method"] == "flat"
+    level = summary["background_level"]
+    assert level == pytest.approx(flat_background(counts, gaussian_psf(2.0))) and abs(level - 100) < 0.6
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert json.loads(tif.pages[0].description)["cider"]["background_level"] == level
+    assert cli.main([*args, "--background", "-o", str(tmp_path / "wavelet.tif")]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["settings"]["background"]["enabled"] is True and summary["background_level"] is None
+
+
 def test_voxel_sizes_reach_the_fit_and_the_psf_and_the_output_records_them(tmp_path, capsys):
     """A z step 2.5× xy (--voxel) and a bead PSF sampled at half the image's z step
     (--psf-voxel): the PSF is resampled (said), the fit gets the voxel size (equal to the

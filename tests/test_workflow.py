@@ -588,6 +588,54 @@ def test_a_camera_offset_restores_as_the_data_without_it(tmp_path, background):
         assert torch.equal(a.observation, b.observation) and a.scale == b.scale
 
 
+def test_a_flat_background_is_one_level_per_image_that_every_tile_subtracts(tmp_path):
+    """background.method flat on a 3D stack of faint beads on 100 counts: the background
+    job writes no background array, records one level (the whole volume's, as
+    :func:`cider.background.flat_background` measures it, within 0.5 of 100) and every
+    tile's prepared observation is the data less that level, over the unit's scale; the
+    stitched output's provenance would carry it (:func:`background_levels`)."""
+    from scipy.ndimage import gaussian_filter
+
+    from cider.background import flat_background
+    from cider.workflow import make_psf, paths, run_background, run_prepare
+    from cider.workflow.report import intensity_records
+    from cider.workflow.steps import _prepared_tile, background_levels
+
+    rng = np.random.default_rng(5)
+    beads = np.zeros((12, 48, 40))
+    for _ in range(20):
+        beads[rng.integers(0, 12), rng.integers(6, 42), rng.integers(6, 34)] = 900.0
+    counts = rng.poisson(gaussian_filter(beads, (0.6, 2.0, 2.0)) + 100).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "beads.tif", counts, photometric="minisblack")
+    config = validate_config(
+        {
+            "name": "flat",
+            "input": {"path": str(tmp_path / "beads.tif"), "axes": "ZYX", "voxel_size": [0.6, 0.2, 0.2]},
+            "psf": {"gaussian_sigma": [0.6, 2.0, 2.0]},
+            "output_dir": str(tmp_path / "out"),
+            "tiling": {"tile_size": [12, 32, 32]},
+            "background": {"enabled": True, "method": "flat"},
+        }
+    )
+    run_prepare(config)
+    run_background(config, "g0")
+    assert not paths(config).background("g0").exists()
+    record = intensity_records(config)["u000"]
+    level = record["background_level"]["value"]
+    assert level == flat_background(counts, make_psf(config, 3, 0)) and abs(level - 100) < 0.5
+    assert 0.2 < record["background_level"]["fraction"] < 1
+    tiles = make_plan(config).tiles_of("u000")
+    assert len(tiles) > 1
+    for tile in tiles:
+        prepared = _prepared_tile(config, tile)[0]
+        expected = (counts[tile.slices()].astype(np.float64) - level) / record["scale"]
+        assert torch.equal(prepared.observation, torch.as_tensor(expected, dtype=torch.float32))
+        assert prepared.background_level == level
+    assert background_levels(config, make_plan(config).units_of("beads")) == {
+        "u000": record["background_level"]
+    }
+
+
 def test_an_input_whose_metadata_state_another_voxel_size_is_refused(tmp_path, capsys):
     """An OME-TIFF stating z 0.5 µm against input.voxel_size z 1.0: prepare stops naming the
     file, both sizes and the two ways out; matching metadata or check_voxel_size false run.

@@ -22,6 +22,7 @@ examples:
   cider restore stack.tif --psf psf.tif --background --sparsity 0.5 -o restored.tif
   cider restore beads.tif --psf psf.tif --fluorescence -o restored.tif
   cider restore spots.tif --psf psf.tif --offset 100 -o restored.tif
+  cider restore faint_beads.tif --psf psf.tif --fluorescence --background flat -o restored.tif
   cider restore stack.tif --psf bead.tif --voxel 0.5 0.2 0.2 --psf-voxel 0.25 0.1 0.1 --fluorescence -o out.tif
   cider psf --gaussian 1.5 -o psf.tif
   cider psf --widefield --na 1.4 --wavelength 0.52 --voxel 0.3 0.1 0.1 --shape 31 31 31 -o psf.tif
@@ -107,9 +108,11 @@ def _restore(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         feature_weights=args.weights,
         early_stop_patience=args.early_stop,
-    ).with_(background={"enabled": args.background})
+    ).with_(background={"enabled": args.background is not None, "method": args.background or "wavelet"})
     if args.fluorescence:
-        config = config.with_(**FLUORESCENCE, background={"enabled": True})
+        config = config.with_(
+            **FLUORESCENCE, background={"enabled": True, "method": args.background or "wavelet"}
+        )
         if args.weights:
             config = config.with_(feature_weights=args.weights)
     if args.rl is not None:
@@ -129,7 +132,11 @@ def _restore(args: argparse.Namespace) -> int:
             "cider restore: an NPY file holds no metadata: the settings are in the JSON below",
             file=sys.stderr,
         )
-    made = _provenance(args, config, psf_notes) | {"saturation": saturation, "offset": args.offset}
+    made = _provenance(args, config, psf_notes) | {
+        "saturation": saturation,
+        "offset": args.offset,
+        "background_level": result.background_level,
+    }
     io.write_image(args.output, restored, text=text, provenance=made)
     summary = {
         "output": str(args.output),
@@ -141,6 +148,7 @@ def _restore(args: argparse.Namespace) -> int:
         "seconds": {k: round(v, 2) for k, v in result.timings.items()},
         "settings": _changed_settings(config),
         "offset": args.offset,
+        "background_level": result.background_level,
     }
     print(json.dumps(summary))
     return 0
@@ -350,7 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--iterations", type=int, help="generator fit iterations (default 3000)")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    r.add_argument("--background", action="store_true", help="remove a wavelet background first")
+    r.add_argument(
+        "--background",
+        nargs="?",
+        const="wavelet",
+        choices=("wavelet", "flat"),
+        help="remove a background first: wavelet (a smooth background, the default) or flat (one "
+        "level per image, for faint spots on a uniform background); --fluorescence turns on wavelet",
+    )
     r.add_argument(
         "--offset",
         type=float,

@@ -31,7 +31,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .background import BackgroundConfig, wavelet_background
+from .background import BackgroundConfig, estimate_background
 from .errors import CiderError, ImageError
 from .features import extract_features, load_feature_extractor, weights_digest
 from .fitting import Fit, fit_generator, fit_generators, fit_rl, noise_aware_weights
@@ -210,7 +210,9 @@ class RestoreConfig:
         features, all deconvolved by RL. ``noise``: fixed uniform noise (SelfDeblur-style
         ablation).
     background : BackgroundConfig
-        Wavelet background removal (off by default; on for fluorescence data).
+        Background removal (off by default; on for fluorescence data): a smooth wavelet
+        background, or one flat level per image (``method="flat"``, for faint spots on
+        a uniform background, which the wavelet estimate takes in).
     normalize : bool
         Divide intensities by the maximum of the (background-subtracted) data, or by the
         ``scale`` given to :func:`prepare`; zero stays zero.
@@ -350,6 +352,7 @@ class Prepared:
     voxel_size: tuple[float, ...] | None = None
     mean_signal: float = 0.0
     saturated: torch.Tensor | None = None  # bool, observation shape: censored pixels (≥ the data there)
+    background_level: float | None = None  # a flat background subtracted (data units, above the offset)
 
 
 @dataclass
@@ -373,6 +376,9 @@ class Result:
         Device the computation ran on.
     iterations : int
         Iterations actually run (fewer than asked when early stopping triggered).
+    background_level : float or None
+        The flat background level subtracted (``background.method="flat"`` or a level
+        given), in the input's units above the offset; None for none or a background map.
     """
 
     restored: np.ndarray
@@ -382,6 +388,7 @@ class Result:
     iterations: int
     chi2: float = math.nan
     stopped: str = "iterations"
+    background_level: float | None = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -442,7 +449,7 @@ def prepare(
     image: np.ndarray,
     psf: np.ndarray,
     config: RestoreConfig,
-    background: np.ndarray | None = None,
+    background: np.ndarray | float | None = None,
     scale: float | None = None,
     noise: NoiseModel | None = None,
     device: torch.device | None = None,
@@ -459,9 +466,10 @@ def prepare(
         Observation and PSF (same number of axes).
     config : RestoreConfig
         Settings.
-    background : np.ndarray, optional
-        A background already estimated (the workflow estimates it once per image so that
-        tiles agree); if given, it is subtracted and ``config.background`` is ignored.
+    background : np.ndarray or float, optional
+        A background already estimated, an array like the image or a flat level (the
+        workflow estimates it once per image so that tiles agree); if given, it is
+        subtracted and ``config.background`` is ignored.
     scale : float, optional
         Data units per unit of the method (the workflow uses one scale for all tiles of
         an image); default: the maximum of the background-subtracted image when
@@ -504,20 +512,30 @@ def prepare(
     if background is not None:
         image = image - np.asarray(background, dtype=np.float64)
     elif config.background.enabled:
-        image = image - wavelet_background(image, config.background)
+        background = estimate_background(image, config.background, psf)
+        image = image - background
+    level = float(background) if background is not None and np.ndim(background) == 0 else None
     if scale is None:
         scale = intensity_scale(image) if config.normalize else 1.0
     scale = float(scale) if scale > 0 else 1.0
     noise = (noise or estimate_noise(image)).scaled(1 / scale)
     mean_signal = float(image.mean()) if mean_signal is None else float(mean_signal)
-    level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
+    noise_level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
     observation = torch.as_tensor(image / scale, dtype=torch.float32, device=device)
     psf_t = torch.as_tensor(psf, dtype=torch.float32, device=device)
     censored = (
         torch.as_tensor(saturated, device=device) if saturated is not None and saturated.any() else None
     )
     return Prepared(
-        observation, psf_t, scale, noise, level, voxel_size, max(mean_signal / scale, 0.0), censored
+        observation,
+        psf_t,
+        scale,
+        noise,
+        noise_level,
+        voxel_size,
+        max(mean_signal / scale, 0.0),
+        censored,
+        level,
     )
 
 
@@ -639,7 +657,7 @@ def restore(
     psf: np.ndarray,
     config: RestoreConfig | None = None,
     *,
-    background: np.ndarray | None = None,
+    background: np.ndarray | float | None = None,
     scale: float | None = None,
     voxel_size: Sequence[float] | None = None,
     saturation: float | None = None,
@@ -690,7 +708,16 @@ def restore(
     timings["fit"] = time.perf_counter() - start - timings["prepare"] - timings["features"]
     restored = to_data_units(fit.estimate, prepared)
     timings["total"] = time.perf_counter() - start
-    return Result(restored, fit.losses, timings, str(device), fit.iterations, fit.chi2, fit.stopped)
+    return Result(
+        restored,
+        fit.losses,
+        timings,
+        str(device),
+        fit.iterations,
+        fit.chi2,
+        fit.stopped,
+        prepared.background_level,
+    )
 
 
 def to_data_units(estimate: torch.Tensor, prepared: Prepared) -> np.ndarray:

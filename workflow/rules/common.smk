@@ -4,6 +4,7 @@ import sys
 
 from cider.errors import CiderError
 from cider.workflow import (
+    background_map,
     drop_stale_manifests,
     make_plan,
     output_settings,
@@ -56,7 +57,7 @@ def groups_of_batch(wildcards):
         PLAN.group_of(PLAN.tile(t).unit_id) for t in PLAN.batch(wildcards.batch).tiles
     )
     files = [str(PATHS.intensity(group)) for group in groups]
-    if config["background"]["enabled"]:
+    if background_map(config):
         files += [str(PATHS.background(group)) for group in groups]
     if config["psf"]["file"]:
         files.append(config["psf"]["file"])  # a changed PSF file reruns the fits
@@ -69,8 +70,8 @@ def batches_of_part(wildcards):
 
 
 def background_outputs():
-    """Intensity records always; the backgrounds only when background removal is on."""
+    """Intensity records always; the background arrays only with wavelet background removal."""
     outputs = {"intensity": str(PATHS.intensity("{group}"))}
-    if config["background"]["enabled"]:
+    if background_map(config):
         outputs["background"] = directory(str(PATHS.background("{group}")))
     return outputs

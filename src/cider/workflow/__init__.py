@@ -12,7 +12,7 @@ Every rule script calls one ``run_*`` function with the validated config and its
 wildcard, so a rule can also be run alone from the shell (see ``scripts/*.py``).
 """
 
-from .config import SCHEMA, load_config, output_settings, validate_config
+from .config import SCHEMA, background_map, load_config, output_settings, validate_config
 from .glue import ALLOW_CPU_ENV, require_gpu, script_args
 from .layout import Paths, drop_stale_manifests, paths
 from .optics import make_psf
@@ -42,6 +42,7 @@ from .steps import (
 
 __all__ = [
     "SCHEMA",
+    "background_map",
     "load_config",
     "output_settings",
     "validate_config",

@@ -32,6 +32,13 @@ def output_settings(config: dict, key: str):
     return {k: v for k, v in value.items() if k not in neutral}
 
 
+def background_map(config: dict) -> bool:
+    """Whether the background job writes a background array per image (wavelet removal on),
+    not only records (no removal, or one flat level per image, kept in the record)."""
+    background = config["background"]
+    return bool(background["enabled"]) and background.get("method", "wavelet") == "wavelet"
+
+
 def _fill_defaults(schema: dict, data: dict) -> dict:
     for key, sub in schema.get("properties", {}).items():
         if key not in data and "default" in sub:

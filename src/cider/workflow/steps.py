@@ -20,6 +20,7 @@ from ..background import BackgroundConfig
 from ..errors import CiderError
 from ..noise import NoiseModel
 from ..tiling import Tile, block_grid, stitch_block
+from .config import background_map
 from .layout import paths
 from .optics import make_psf
 from .plan import Unit, make_plan, per_axis, psf_channel
@@ -203,9 +204,8 @@ def run_background(config: dict, group_id: str) -> None:
     import zarr
 
     plan, p = make_plan(config), paths(config)
-    enabled = config["background"]["enabled"]
     staging = io.staging_path(p.background(group_id))
-    root = zarr.open_group(str(staging), mode="w") if enabled else None
+    root = zarr.open_group(str(staging), mode="w") if background_map(config) else None
     records = {unit: unit_background(config, unit, root) for unit in plan.group(group_id).members}
     if root is not None:
         io.publish_folder(p.background(group_id))
@@ -216,13 +216,15 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
     """Background, intensity scale, noise model and feature range of one whole unit.
 
     Computed once per image so that all its tiles agree, in passes over the unit plane by
-    plane (the image in 2D): (1) the peak; (2) the plane-wise wavelet background, written
-    into ``root[unit_id]`` (a chunked Zarr array; only when background removal is on), with
-    the maximum, mean and range of the background-free data and the Haar samples of the
-    noise fit (from evenly spaced planes, ≤ ``NOISE_SAMPLES``); (3) the feature range of
-    the scaled data, by windows (:func:`_feature_range`). ``input.offset`` (a camera
-    offset) is subtracted from each plane first; the saturation record is of the raw
-    values. Memory: a plane and one window's features, not the unit.
+    plane (the image in 2D): (1) the peak for the wavelet background, or the flat level
+    (from evenly spaced planes, ≤ ``FLAT_SAMPLES`` pixels); (2) the plane-wise wavelet
+    background, written into ``root[unit_id]`` (a chunked Zarr array; only when it is
+    on), with the maximum, mean and range of the background-free data and the Haar
+    samples of the noise fit (from evenly spaced planes, ≤ ``NOISE_SAMPLES``); (3) the
+    feature range of the scaled data, by windows (:func:`_feature_range`).
+    ``input.offset`` (a camera offset) is subtracted from each plane first; the
+    saturation record is of the raw values. Memory: a plane and one window's features,
+    not the unit.
     """
     from ..background import plane_background
     from ..noise import fit_noise, haar_samples
@@ -233,11 +235,13 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
     shape = data.shape
     planes = [slice(None)] if len(shape) == 2 else list(range(shape[0]))  # data[z] is 2D
     bg_cfg = BackgroundConfig(**config["background"])
-    background = None
-    if bg_cfg.enabled:
+    background, level = None, None
+    if bg_cfg.is_map:
         chunks = data.chunks if len(shape) == 2 else (1, *data.chunks[-2:])  # written plane by plane
         background = root.create_array(unit_id, shape=shape, chunks=chunks, dtype="float32")
         peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64) - offset).max()) for z in planes) or 1.0
+    elif bg_cfg.enabled:
+        level, fraction = _flat_level(config, unit_id, data, planes, offset, bg_cfg)
     sampled = _noise_planes(len(planes), int(np.prod(shape[-2:])) // 4)
     high, low, total, details, means = -np.inf, np.inf, 0.0, [], []
     raw_high, at_raw_high = -np.inf, 0
@@ -247,7 +251,7 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         if top >= raw_high:
             at_raw_high = (at_raw_high if top == raw_high else 0) + int(np.count_nonzero(plane == top))
             raw_high = top
-        plane = plane - offset
+        plane = plane - offset - (level or 0.0)
         if background is not None:
             removed = plane_background(plane, bg_cfg, peak)
             background[z] = removed.astype(np.float32)
@@ -264,14 +268,36 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         "mean": float(total) / float(np.prod(shape)),
         "noise": {"gain": noise.gain, "floor": noise.floor},
     }
-    level = full_scale(data.dtype, float(raw_high), at_raw_high)
-    intensity["saturated"] = {"value": level, "count": at_raw_high} if level is not None else None
+    if level is not None:
+        intensity["background_level"] = {"value": level, "fraction": fraction}
+    full = full_scale(data.dtype, float(raw_high), at_raw_high)
+    intensity["saturated"] = {"value": full, "count": at_raw_high} if full is not None else None
     rcfg = _restore_config(config, device="cpu")
-    value_range = _feature_range(data, background, scale, rcfg, offset)
+    value_range = _feature_range(data, background if level is None else level, scale, rcfg, offset)
     if value_range is not None:
         intensity["feature_low"], intensity["feature_high"] = value_range
         intensity["feature_source"] = _feature_source(rcfg)
     return intensity
+
+
+FLAT_SAMPLES = 2**24  # pixels (evenly spaced planes) a unit's flat background level is measured on
+
+
+def _flat_level(config: dict, unit_id: str, data, planes: list, offset: float, bg_cfg) -> tuple[float, float]:
+    """A unit's flat background level (above ``offset``) and the fraction of the measured
+    planes' pixels it rests on (:func:`cider.background.flat_plane_sums`)."""
+    from ..background import detection_kernel, flat_plane_sums
+
+    plan = make_plan(config)
+    kernel = detection_kernel(make_psf(config, len(data.shape), psf_channel(config, plan.unit(unit_id))))
+    pixels = int(np.prod(data.shape[-2:]))
+    chosen = _noise_planes(len(planes), pixels, FLAT_SAMPLES)
+    sums = [
+        flat_plane_sums(np.asarray(data[planes[i]], dtype=np.float64) - offset, kernel, bg_cfg.flat_threshold)
+        for i in sorted(chosen)
+    ]
+    count = sum(n for _, n in sums)
+    return sum(t for t, _ in sums) / count, count / (pixels * len(sums))
 
 
 def _feature_source(rcfg) -> dict:
@@ -283,9 +309,9 @@ def _feature_source(rcfg) -> dict:
     return {"generator_input": rcfg.generator_input, "feature_weights_sha256": feature_weights_digest(rcfg)}
 
 
-def _noise_planes(count: int, blocks_per_plane: int) -> set[int]:
-    """Evenly spaced planes whose Haar samples (≤ NOISE_SAMPLES in all) fit the noise model."""
-    wanted = max(1, min(count, NOISE_SAMPLES // max(blocks_per_plane, 1)))
+def _noise_planes(count: int, blocks_per_plane: int, samples: int = NOISE_SAMPLES) -> set[int]:
+    """Evenly spaced planes whose Haar samples (≤ ``samples`` in all) fit the noise model."""
+    wanted = max(1, min(count, samples // max(blocks_per_plane, 1)))
     return set(np.linspace(0, count - 1, wanted).round().astype(int).tolist())
 
 
@@ -301,7 +327,8 @@ def _feature_range(
     ``FEATURE_HALO`` pixels and cropped back, so the features inside a window are the
     whole plane's (the extractor's receptive field fits in the halo) while memory stays
     at one window's feature maps, whatever the plane size. ``offset`` (``input.offset``)
-    and ``background`` are subtracted from each window first.
+    and ``background`` (an array like the unit, or a flat level) are subtracted from each
+    window first.
     """
     import torch
 
@@ -318,7 +345,9 @@ def _feature_range(
             )
             index = (() if data.ndim == 2 else (slab,)) + tuple(slice(a, b) for a, b in read)
             observation = np.asarray(data[index], dtype=np.float64) - offset
-            if background is not None:
+            if isinstance(background, float):
+                observation = observation - background
+            elif background is not None:
                 observation = observation - np.asarray(background[index], dtype=np.float64)
             with torch.no_grad():
                 features = raw_features(torch.as_tensor(observation / scale, dtype=torch.float32), rcfg)
@@ -341,12 +370,12 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     unit_id = tile.unit_id
     group = make_plan(config).group_of(unit_id)
     data = np.asarray(unit_array(config, unit_id)[window], dtype=np.float64)
+    intensity = _intensity_records(str(p.intensity(group)))[unit_id]
     background = (
         np.asarray(zarr.open_array(str(p.background(group) / unit_id), mode="r")[window])
-        if config["background"]["enabled"]
-        else None
+        if background_map(config)
+        else (intensity.get("background_level") or {}).get("value")
     )
-    intensity = _intensity_records(str(p.intensity(group)))[unit_id]
     saturation = config["input"]["saturation"]
     if saturation == "auto":
         saturation = (intensity.get("saturated") or {}).get("value")
@@ -600,11 +629,26 @@ def stitch_name(config: dict, name: str, read_tile: TileReader | None = None) ->
             level0[(*unit.index, *(slice(a, b) for a, b in window))] = data
     voxel = config["input"]["voxel_size"]
     made = provenance(config, name, weights)
+    if levels := background_levels(config, units):
+        made["background_level"] = levels
     io.finish_ome_zarr(p.image(name), result_axes, voxel, config["stitch"]["pyramid_levels"], made)
     if not config["stitch"]["tiff"]:
         return [p.image(name)]
     io.write_tiff_pages(p.tiff(name), io.open_array(p.image(name)), json.dumps({"cider": made}))
     return [p.image(name), p.tiff(name)]
+
+
+def background_levels(config: dict, units: list[Unit]) -> dict[str, dict]:
+    """The flat background level the background job subtracted from each unit (in the
+    input's units, above ``input.offset``) and the fraction of pixels it rests on, by
+    unit id: empty unless ``background.method`` is ``flat``."""
+    if not config["background"]["enabled"] or background_map(config):
+        return {}
+    plan, p = make_plan(config), paths(config)
+    records = {u.id: _intensity_records(str(p.intensity(plan.group_of(u.id))))[u.id] for u in units}
+    return {
+        unit: record["background_level"] for unit, record in records.items() if "background_level" in record
+    }
 
 
 PROVENANCE_SECTIONS = ("input", "psf", "background", "tiling", "restore", "fit", "stitch")
