@@ -60,7 +60,7 @@ from cider.restore import (  # noqa: E402
     prepare,
     to_data_units,
 )
-from cider.rl import BlurOperator, richardson_lucy  # noqa: E402
+from cider.rl import richardson_lucy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = {  # name: (seed, photons per bead, number of beads, background, side in px)
@@ -123,15 +123,12 @@ def oracle(observation: np.ndarray, psf: np.ndarray, spots, background: float = 
     the bead pixels, which the multiplicative update keeps at zero; 3000 iterations, on
     the image's grid (signal only). No method that has to find the beads can be expected
     to do better."""
-    blur = BlurOperator(torch.tensor(psf), observation.shape, "valid")
     offset = [k // 2 for k in psf.shape]
-    estimate = torch.zeros(blur.object_shape, dtype=torch.float64)
+    start = torch.zeros(tuple(n + k - 1 for n, k in zip(observation.shape, psf.shape)), dtype=torch.float64)
     for spot in spots:
-        estimate[tuple(c + o for c, o in zip(spot, offset))] = float(observation.mean())
+        start[tuple(c + o for c, o in zip(spot, offset))] = float(observation.mean())
     data = torch.tensor(observation)
-    weight = blur.adjoint(torch.ones_like(data))
-    for _ in range(3000):
-        estimate = estimate * blur.adjoint(data / (blur(estimate) + background).clamp_min(1e-12)) / weight
+    estimate = richardson_lucy(data, torch.tensor(psf), 3000, init=start, background=background)
     return crop_to_image(estimate, psf.shape).numpy()
 
 

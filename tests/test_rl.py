@@ -78,6 +78,25 @@ def test_rl_valid_keeps_flux(ndim):
         assert float(op(x).sum()) == pytest.approx(float(y.sum()), rel=1e-10)
 
 
+def test_rl_with_a_known_background_restores_the_objects_and_not_the_background():
+    """Noise-free data ``A x + 50`` with ``background=50``: the estimate converges to the
+    objects (re-blurred flux within 1 % of theirs after 200 iterations, 0.9 % measured;
+    the model ``Ax + 50`` is what the callback sees); without it, RL keeps the data's
+    flux exactly and so puts the 50 per pixel into the object."""
+    psf = gaussian_psf(1.2, size=7)
+    x = blobs((40, 36), 10) * 200
+    op = BlurOperator(psf, (34, 30), "valid", dtype=torch.float64)
+    data = op(torch.tensor(x)) + 50
+    objects = float(op(torch.tensor(x)).sum())
+    models = []
+    estimate = richardson_lucy(data, psf, 200, background=50.0, callback=lambda i, m: models.append(m))
+    assert float(op(estimate).sum()) == pytest.approx(objects, rel=0.01)
+    assert float((models[-1] - data).abs().max()) < float((models[0] - data).abs().max()) / 10
+    assert torch.equal(models[-1], op(richardson_lucy(data, psf, 199, background=50.0)) + 50)
+    without = richardson_lucy(data, psf, 200)
+    assert float(op(without).sum()) == pytest.approx(objects + 50 * data.numel(), rel=1e-10)
+
+
 def test_rl_periodic_keeps_flux():
     psf = gaussian_psf(1.5)
     y = torch.tensor(blobs((32, 32), 8) + 0.1)

@@ -164,6 +164,9 @@ def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> F
     the valid-convolution model, so its estimate has the generator's object grid (image +
     PSF − 1) and goes through the same flux renormalisation and finite check. RL needs
     non-negative data: negative noise excursions (after background removal) count as 0.
+    A flat background level (``prepared.background_level``) is not removed from the data
+    but put in RL's model (``y ~ Poisson(Ax + level)``), so faint objects keep the
+    noise's negative excursions.
 
     Parameters
     ----------
@@ -192,14 +195,16 @@ def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> F
         return float(((blurred - data) ** 2 / variance).mean())
 
     blur = BlurOperator(psf, observation.shape, "valid")
+    level = (prepared.background_level or 0.0) / prepared.scale
     with torch.no_grad():
         estimate = richardson_lucy(
-            observation.clamp_min(0),
+            (observation + level).clamp_min(0),
             psf,
             config.rl_iterations,
             boundary="valid",
-            callback=lambda iteration, blurred: losses.append(chi2(blurred)),
+            callback=lambda iteration, model: losses.append(chi2(model - level)),
             saturated=prepared.saturated,
+            background=level,
         )
         final = chi2(blur(estimate))
     return _finish(estimate, blur, prepared, losses, final, "iterations", config, label)

@@ -164,6 +164,7 @@ def richardson_lucy(
     ndim: int | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     saturated: torch.Tensor | None = None,
+    background: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """Richardson–Lucy deconvolution of one or many channels at once.
 
@@ -181,19 +182,24 @@ def richardson_lucy(
         Boundary model (see :class:`BlurOperator`). With ``"valid"`` the result is larger
         than the image by ``psf.shape - 1``.
     init : tensor or float, optional
-        Starting estimate; default: the mean of each channel, flat.
+        Starting estimate; default: the mean of each channel (less the background), flat.
     eps : float
         Floor of the denominator ``Ax``.
     ndim : int, optional
         Number of spatial axes; default ``psf.ndim`` (one PSF for every channel).
     callback : callable, optional
-        Called as ``callback(iteration, blurred)`` at every iteration with the re-blurred
-        estimate ``Ax`` that the iteration's update divides by (computed anyway): e.g. a
-        data misfit per iteration at no extra cost.
+        Called as ``callback(iteration, model)`` at every iteration with the model of the
+        data that the iteration's update divides by, ``Ax + background`` (computed
+        anyway): e.g. a data misfit per iteration at no extra cost.
     saturated : torch.Tensor, optional
         Bool mask (image shape) of saturated pixels: their data are lower bounds, so each
         iteration uses ``max(data, Ax)`` there (:func:`censored`): a model above a
         saturated pixel is not pulled down to it.
+    background : tensor or float
+        A known additive background of the data (image units; a level, or an array that
+        broadcasts against the image): the EM update of ``y ~ Poisson(Ax + background)``
+        on data that still hold it. Estimating the object of ``y − background`` instead
+        (clipped at 0) biases faint objects: the noise's negative excursions are lost.
 
     Returns
     -------
@@ -204,7 +210,7 @@ def richardson_lucy(
     ndim = ndim or psf.ndim
     op = BlurOperator(psf, image.shape[-ndim:], boundary, ndim=ndim)
     if init is None:
-        mean = image.mean(dim=op.dims, keepdim=True)
+        mean = (image - background).mean(dim=op.dims, keepdim=True).clamp_min(eps)
         estimate = mean.expand(*image.shape[:-ndim], *op.object_shape).clone()
     else:
         estimate = torch.as_tensor(init, dtype=image.dtype, device=image.device)
@@ -216,7 +222,7 @@ def richardson_lucy(
         observed = weight > 1e-4 * weight.amax(dim=op.dims, keepdim=True)
         weight = torch.where(observed, weight, torch.ones_like(weight))
     for iteration in range(iterations):
-        blurred = op.forward(estimate)
+        blurred = op.forward(estimate) + background
         if callback is not None:
             callback(iteration, blurred)
         update = op.adjoint(censored(image, blurred, saturated) / blurred.clamp_min(eps))
