@@ -261,3 +261,25 @@ def test_rl_keeps_a_flat_background_level_in_its_model_so_faint_spots_keep_their
         return float(np.median(box_sums(restored, spots) / box_sums(truth, spots) - 1))
 
     assert spot_bias(clipped.restored) < -0.4 and -0.15 < spot_bias(flat.restored) < 0
+
+
+def test_rl_keeps_a_wavelet_background_in_its_model_too():
+    """Faint blobs (amplitude 40) on a smooth 100–200-count background, plain RL (50 it.)
+    with wavelet background removal: RL runs on the data with the map in its model, 13.3
+    dB against the truth, where the same RL on the data less the map (clipped at 0, what
+    ``method="rl"`` did before) scores 10.6 dB (measured)."""
+    from scipy.ndimage import gaussian_filter
+
+    from cider import BackgroundConfig, wavelet_background
+
+    from .conftest import blobs, psnr
+
+    grid = np.meshgrid(np.linspace(0, 1, 128), np.linspace(0, 1, 128), indexing="ij")
+    background = 100 + 60 * grid[1] + 40 * np.sin(np.pi * grid[0])
+    truth = 40 * blobs((128, 128), 40, 0)
+    y = np.random.default_rng(0).poisson(gaussian_filter(truth, 1.5) + background).astype(float)
+    psf = gaussian_psf(1.5)
+    config = RestoreConfig(method="rl", rl_iterations=50)
+    in_model = restore(y, psf, config.with_(background=BackgroundConfig(enabled=True))).restored
+    subtracted = restore(y - wavelet_background(y), psf, config).restored
+    assert psnr(in_model, truth, truth.max()) > psnr(subtracted, truth, truth.max()) + 2

@@ -163,10 +163,11 @@ def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> F
     The baseline restoration (``method="rl"``): no features and no generator. It runs on
     the valid-convolution model, so its estimate has the generator's object grid (image +
     PSF − 1) and goes through the same flux renormalisation and finite check. RL needs
-    non-negative data: negative noise excursions (after background removal) count as 0.
-    A flat background level (``prepared.background_level``) is not removed from the data
-    but put in RL's model (``y ~ Poisson(Ax + level)``), so faint objects keep the
-    noise's negative excursions.
+    non-negative data. A background that was removed (``prepared.background``: the wavelet
+    map or the flat level, ≥ 0) is put back into the data and into RL's model
+    (``y ~ Poisson(Ax + background)``) rather than subtracted from data clipped at 0,
+    which would lose the noise's negative excursions and with them much of faint
+    objects' light; what remains negative (a camera offset's read noise) counts as 0.
 
     Parameters
     ----------
@@ -195,16 +196,16 @@ def fit_rl(prepared: Prepared, config: RestoreConfig, label: str = "image") -> F
         return float(((blurred - data) ** 2 / variance).mean())
 
     blur = BlurOperator(psf, observation.shape, "valid")
-    level = (prepared.background_level or 0.0) / prepared.scale
+    background = 0.0 if prepared.background is None else prepared.background.clamp_min(0)
     with torch.no_grad():
         estimate = richardson_lucy(
-            (observation + level).clamp_min(0),
+            (observation + background).clamp_min(0),
             psf,
             config.rl_iterations,
             boundary="valid",
-            callback=lambda iteration, model: losses.append(chi2(model - level)),
+            callback=lambda iteration, model: losses.append(chi2(model - background)),
             saturated=prepared.saturated,
-            background=level,
+            background=background,
         )
         final = chi2(blur(estimate))
     return _finish(estimate, blur, prepared, losses, final, "iterations", config, label)

@@ -342,6 +342,8 @@ class Prepared:
     loss weights and the variance-stabilised Hessian's scale. ``saturated`` marks the
     pixels at a camera's full scale: their true value is only known to be at least the
     data there, so the fits treat them as lower bounds (censored), not as measurements.
+    ``background`` is the background removed (a map or a level, not the offset), which
+    plain RL keeps in its model (:func:`cider.fitting.fit_rl`).
     """
 
     observation: torch.Tensor
@@ -353,6 +355,7 @@ class Prepared:
     mean_signal: float = 0.0
     saturated: torch.Tensor | None = None  # bool, observation shape: censored pixels (≥ the data there)
     background_level: float | None = None  # a flat background subtracted (data units, above the offset)
+    background: torch.Tensor | None = None  # the background subtracted (observation's shape and units)
 
 
 @dataclass
@@ -522,6 +525,10 @@ def prepare(
     mean_signal = float(image.mean()) if mean_signal is None else float(mean_signal)
     noise_level = math.sqrt(float(noise.variance(np.array(mean_signal / scale))))
     observation = torch.as_tensor(image / scale, dtype=torch.float32, device=device)
+    removed = None
+    if background is not None:
+        removed = np.asarray(background, dtype=np.float64) / scale
+        removed = torch.as_tensor(removed, dtype=torch.float32, device=device).expand_as(observation)
     psf_t = torch.as_tensor(psf, dtype=torch.float32, device=device)
     censored = (
         torch.as_tensor(saturated, device=device) if saturated is not None and saturated.any() else None
@@ -536,6 +543,7 @@ def prepare(
         max(mean_signal / scale, 0.0),
         censored,
         level,
+        removed,
     )
 
 
