@@ -593,12 +593,13 @@ def test_a_flat_background_is_one_level_per_image_that_every_tile_subtracts(tmp_
     job writes no background array, records one level (the whole volume's, as
     :func:`cider.background.flat_background` measures it, within 0.5 of 100) and every
     tile's prepared observation is the data less that level, over the unit's scale; the
-    stitched output's provenance would carry it (:func:`background_levels`)."""
+    stitched output's provenance would carry it (:func:`background_levels`), and the
+    report warns when a level rests on under 5 % of an image's pixels."""
     from scipy.ndimage import gaussian_filter
 
     from cider.background import flat_background
     from cider.workflow import make_psf, paths, run_background, run_prepare
-    from cider.workflow.report import intensity_records
+    from cider.workflow.report import background_notes, intensity_records
     from cider.workflow.steps import _prepared_tile, background_levels
 
     rng = np.random.default_rng(5)
@@ -634,6 +635,12 @@ def test_a_flat_background_is_one_level_per_image_that_every_tile_subtracts(tmp_
     assert background_levels(config, make_plan(config).units_of("beads")) == {
         "u000": record["background_level"]
     }
+    # the report says when a level rests on few pixels (objects nearly everywhere)
+    assert background_notes({"u000": record}) == []
+    crowded = {"u000": record | {"background_level": {"value": 101.5, "fraction": 0.012}}}
+    (note,) = background_notes(crowded)
+    assert "1 of 1 image(s) have their flat background level measured on under 5 % of their pixels" in note
+    assert "u000 1.2 % (level 101.5)" in note and "input.offset" in note
 
 
 def test_an_input_whose_metadata_state_another_voxel_size_is_refused(tmp_path, capsys):

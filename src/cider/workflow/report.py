@@ -274,6 +274,11 @@ def run_report(config: dict) -> dict:
                 "seam_worst": float(max(unit_seams)) if unit_seams else 1.0,
                 "flagged_tiles": [t.id for t in plan.tiles_of(unit.id) if t.id in flags],
             }
+            | (
+                {"background_level": intensity[unit.id]["background_level"]}
+                if "background_level" in intensity.get(unit.id, {})
+                else {}
+            )
         )
     flagged_units = {u["unit"] for u in units if u["flagged_tiles"]}
     views = []
@@ -294,6 +299,7 @@ def run_report(config: dict) -> dict:
         "outputs": [str(p.image(n)) for n in plan.names],
         "notes": modality_notes(config, intensity)
         + saturation_notes(config, intensity)
+        + background_notes(intensity)
         + data_term_notes(config, median_chi2),
     }
     page = _page(config, summary, records, flags, seams, views)
@@ -372,6 +378,30 @@ def data_term_notes(config: dict, median_chi2: float | None) -> list[str]:
         "what the PSF or the noise model cannot explain. Check that the PSF was measured or modelled for "
         "this acquisition and sampling, or try restore.data_weight: 0 (on a 3D benchmark whose PSF does "
         "not explain its data, the settings without a data term restored 0.8-1.3 dB better)."
+    ]
+
+
+FLAT_FRACTION_LOW = 0.05  # a flat background level measured on less of an image is doubtful
+
+
+def background_notes(intensity: dict[str, dict]) -> list[str]:
+    """A warning naming the images whose flat background level (``background.method:
+    flat``) rests on under :data:`FLAT_FRACTION_LOW` of their pixels: objects (or
+    structured background) reach nearly everywhere, so there is little flat background
+    left to measure it on."""
+    levels = {u: r["background_level"] for u, r in intensity.items() if r.get("background_level")}
+    few = {u: level for u, level in levels.items() if level["fraction"] < FLAT_FRACTION_LOW}
+    if not few:
+        return []
+    worst = sorted(few.items(), key=lambda item: item[1]["fraction"])[:3]
+    listed = ", ".join(
+        f"{u} {100 * level['fraction']:.1f} % (level {level['value']:.4g})" for u, level in worst
+    )
+    return [
+        f"{len(few)} of {len(levels)} image(s) have their flat background level measured on under "
+        f"{100 * FLAT_FRACTION_LOW:.0f} % of their pixels ({listed}): objects reach nearly every pixel. "
+        "Check the level against a region you know is empty; give a known camera offset "
+        "(input.offset) or use background.method wavelet if the background is not flat."
     ]
 
 
