@@ -215,21 +215,15 @@ def flat_plane_sums(plane: np.ndarray, kernel: np.ndarray, threshold: float = 4.
     return float(plane[keep].sum()), int(np.count_nonzero(keep))
 
 
-def flat_background(
-    image: np.ndarray, psf: np.ndarray, config: BackgroundConfig | None = None, planes=None
-) -> float:
+def flat_background(image: np.ndarray, psf: np.ndarray, config: BackgroundConfig | None = None) -> float:
     """One background level for a 2D image or a 3D volume (its planes' background pixels
-    pooled), in the image's units.
-
-    ``planes``: indices of the planes to measure (default all; the workflow samples a
-    large volume's planes).
-    """
+    pooled, :func:`flat_plane_sums`), in the image's units. The pipeline pools the sums of
+    evenly spaced planes of a large volume itself, reading one plane at a time."""
     cfg = config or BackgroundConfig(method="flat")
     image = np.asarray(image, dtype=np.float64)
     if image.ndim not in (2, 3):
         raise ImageError(f"background: expected 2D or 3D data, got shape {image.shape}")
     kernel = detection_kernel(psf)
     stack = image[None] if image.ndim == 2 else image
-    chosen = range(len(stack)) if planes is None else planes
-    sums = [flat_plane_sums(stack[z], kernel, cfg.flat_threshold) for z in chosen]
+    sums = [flat_plane_sums(plane, kernel, cfg.flat_threshold) for plane in stack]
     return sum(s for s, _ in sums) / sum(n for _, n in sums)

@@ -242,7 +242,7 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         peak = max(float(np.abs(np.asarray(data[z], dtype=np.float64) - offset).max()) for z in planes) or 1.0
     elif bg_cfg.enabled:
         level, fraction = _flat_level(config, unit_id, data, planes, offset, bg_cfg)
-    sampled = _noise_planes(len(planes), int(np.prod(shape[-2:])) // 4)
+    sampled = _spaced_planes(len(planes), int(np.prod(shape[-2:])) // 4, NOISE_SAMPLES)
     high, low, total, details, means = -np.inf, np.inf, 0.0, [], []
     raw_high, at_raw_high = -np.inf, 0
     for number, z in enumerate(planes):
@@ -291,7 +291,7 @@ def _flat_level(config: dict, unit_id: str, data, planes: list, offset: float, b
     plan = make_plan(config)
     kernel = detection_kernel(make_psf(config, len(data.shape), psf_channel(config, plan.unit(unit_id))))
     pixels = int(np.prod(data.shape[-2:]))
-    chosen = _noise_planes(len(planes), pixels, FLAT_SAMPLES)
+    chosen = _spaced_planes(len(planes), pixels, FLAT_SAMPLES)
     sums = [
         flat_plane_sums(np.asarray(data[planes[i]], dtype=np.float64) - offset, kernel, bg_cfg.flat_threshold)
         for i in sorted(chosen)
@@ -309,9 +309,10 @@ def _feature_source(rcfg) -> dict:
     return {"generator_input": rcfg.generator_input, "feature_weights_sha256": feature_weights_digest(rcfg)}
 
 
-def _noise_planes(count: int, blocks_per_plane: int, samples: int = NOISE_SAMPLES) -> set[int]:
-    """Evenly spaced planes whose Haar samples (≤ ``samples`` in all) fit the noise model."""
-    wanted = max(1, min(count, samples // max(blocks_per_plane, 1)))
+def _spaced_planes(count: int, per_plane: int, budget: int) -> set[int]:
+    """Evenly spaced planes (at least one) whose ``per_plane`` samples each stay within
+    ``budget`` in all: the noise fit's Haar samples, the flat level's pixels."""
+    wanted = max(1, min(count, budget // max(per_plane, 1)))
     return set(np.linspace(0, count - 1, wanted).round().astype(int).tolist())
 
 
