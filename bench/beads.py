@@ -16,8 +16,9 @@ estimated as one flat level (``issue_25_bg100_flat``, ``background.method: flat`
 For each, CiDeR (package defaults, ``rl_iterations`` 20, the given ``hessian_domain``
 and iteration count, ``--set`` overrides: ``data_weight=100 keep_best_by=block
 feature_weights=features_rl10.pt`` with ``stabilised`` is ``cider.FLUORESCENCE``; on a
-field with a background, wavelet background removal on, as ``cider restore
---fluorescence`` runs) and RL at 100 iterations (what issue #12 compares peaks with).
+field with a background, wavelet background removal on, the library's default method;
+``cider restore --fluorescence`` uses the flat level, the ``_flat`` variant) and RL at 100
+iterations (what issue #12 compares peaks with).
 
 For ``flat`` the estimated level is in the JSON rows (``background_level``, photons).
 

@@ -86,7 +86,8 @@ def test_fluorescence_flag_sets_the_fluorescence_settings_and_says_so(tmp_path, 
     assert chi2 > 4 and f"the fit ended at chi2 {chi2:.3g}" in said.err
     assert settings["data_weight"] == 100.0 and settings["hessian_domain"] == "stabilised"
     assert settings["keep_best_by"] == "block" and settings["feature_weights"] == "features_rl10.pt"
-    assert settings["background"]["enabled"] is True and settings["iterations"] == 3
+    assert settings["background"]["enabled"] is True and settings["background"]["method"] == "flat"
+    assert settings["iterations"] == 3
     assert "looks like" not in said.err
     # --weights names another extractor: it wins over the fluorescence settings' one
     assert (
@@ -130,9 +131,10 @@ def test_offset_flag_restores_as_the_data_without_the_offset(tmp_path, capsys, f
 
 
 def test_background_flat_subtracts_one_level_and_records_it(tmp_path, capsys):
-    """--fluorescence --background flat on faint beads over 100 counts: the flat method is
-    used (not the wavelet one --fluorescence turns on alone), its level is the library's
-    (within 0.6 of 100) and the summary and the output's provenance carry it."""
+    """--fluorescence (whose background is the flat level) on faint beads over 100 counts:
+    its level is the library's (within 0.6 of 100) and the summary and the output's
+    provenance carry it; --background alone is the wavelet one, and --fluorescence
+    --background wavelet too (no level)."""
     from cider.background import flat_background
 
     from .test_background import _faint_beads
@@ -140,16 +142,17 @@ def test_background_flat_subtracts_one_level_and_records_it(tmp_path, capsys):
     counts = _faint_beads(0, shape=(64, 64), count=10).astype(np.float32)
     tifffile.imwrite(tmp_path / "beads.tif", counts)
     args = ["restore", str(tmp_path / "beads.tif"), "--gaussian-sigma", "2", "--iterations", "1", "--quiet"]
-    assert cli.main([*args, "--fluorescence", "--background", "flat", "-o", str(tmp_path / "out.tif")]) == 0
+    assert cli.main([*args, "--fluorescence", "-o", str(tmp_path / "out.tif")]) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["settings"]["background"]["method"] == "flat"
     level = summary["background_level"]
     assert level == pytest.approx(flat_background(counts, gaussian_psf(2.0))) and abs(level - 100) < 0.6
     with tifffile.TiffFile(tmp_path / "out.tif") as tif:
         assert json.loads(tif.pages[0].description)["cider"]["background_level"] == level
-    assert cli.main([*args, "--background", "-o", str(tmp_path / "wavelet.tif")]) == 0
-    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["settings"]["background"]["enabled"] is True and summary["background_level"] is None
+    for flags in (["--background"], ["--fluorescence", "--background", "wavelet"]):
+        assert cli.main([*args, *flags, "-o", str(tmp_path / "wavelet.tif")]) == 0
+        summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert summary["settings"]["background"]["enabled"] is True and summary["background_level"] is None
 
 
 def test_voxel_sizes_reach_the_fit_and_the_psf_and_the_output_records_them(tmp_path, capsys):

@@ -22,7 +22,7 @@ examples:
   cider restore stack.tif --psf psf.tif --background --sparsity 0.5 -o restored.tif
   cider restore beads.tif --psf psf.tif --fluorescence -o restored.tif
   cider restore spots.tif --psf psf.tif --offset 100 -o restored.tif
-  cider restore faint_beads.tif --psf psf.tif --fluorescence --background flat -o restored.tif
+  cider restore uneven.tif --psf psf.tif --fluorescence --background wavelet -o restored.tif
   cider restore stack.tif --psf bead.tif --voxel 0.5 0.2 0.2 --psf-voxel 0.25 0.1 0.1 --fluorescence -o out.tif
   cider psf --gaussian 1.5 -o psf.tif
   cider psf --widefield --na 1.4 --wavelength 0.52 --voxel 0.3 0.1 0.1 --shape 31 31 31 -o psf.tif
@@ -111,7 +111,7 @@ def _restore(args: argparse.Namespace) -> int:
     ).with_(background={"enabled": args.background is not None, "method": args.background or "wavelet"})
     if args.fluorescence:
         config = config.with_(
-            **FLUORESCENCE, background={"enabled": True, "method": args.background or "wavelet"}
+            **FLUORESCENCE, background={"enabled": True, "method": args.background or "flat"}
         )
         if args.weights:
             config = config.with_(feature_weights=args.weights)
@@ -363,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="wavelet",
         choices=("wavelet", "flat"),
-        help="remove a background first: wavelet (a smooth background, the default) or flat (one "
-        "level per image, for faint spots on a uniform background); --fluorescence turns on wavelet",
+        help="remove a background first: wavelet (a smooth background that follows uneven "
+        "illumination; the default, but it takes much of faint objects' light) or flat (one level "
+        "per image); --fluorescence turns on flat unless this names wavelet",
     )
     r.add_argument(
         "--offset",
@@ -375,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--fluorescence",
         action="store_true",
-        help="bright objects on a dark background: background removal, the noise-weighted data "
+        help="bright objects on a dark background: a flat background level removed (--background), the noise-weighted data "
         "term, the variance-stabilised Hessian, keep_best by block and the features_rl10.pt "
         "extractor unless --weights names one (RestoreConfig: FLUORESCENCE)",
     )
