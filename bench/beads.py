@@ -106,7 +106,7 @@ def field_config(name: str, **settings) -> tuple[RestoreConfig, float]:
     removal = BackgroundConfig(
         enabled=background > 0 and route != "offset", method="flat" if route == "flat" else "wavelet"
     )
-    config = RestoreConfig(rl_iterations=20, background=removal, **settings)
+    config = RestoreConfig(rl_iterations=20, background=removal).with_(**settings)
     return config, background if route == "offset" else 0.0
 
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 
-from cider import RestoreConfig
+from cider import BackgroundConfig, RestoreConfig
 
 TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
 def parse_overrides(items: list[str], refused: tuple[str, ...] = ()) -> dict:
-    """``["data_weight=100", "keep_best=false"]`` → ``{"data_weight": 100.0, "keep_best": False}``.
+    """``["data_weight=100", "keep_best=false"]`` → ``{"data_weight": 100.0, "keep_best": False}``;
+    ``background.KEY=VALUE`` items go into a ``background`` dict (``RestoreConfig.with_``).
 
     Each value takes the type of the field's default: booleans from ``true``/``false``
     (``1``/``0``, ``yes``/``no``), tuples from comma-separated numbers or a JSON list,
@@ -35,13 +36,20 @@ def parse_overrides(items: list[str], refused: tuple[str, ...] = ()) -> dict:
     """
     defaults = RestoreConfig()
     settable = [f.name for f in fields(RestoreConfig) if f.name not in (*refused, "background")]
-    overrides = {}
+    settable += [f"background.{f.name}" for f in fields(BackgroundConfig)]
+    overrides: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in settable:
             raise SystemExit(f"--set {item}: give KEY=VALUE with KEY one of {', '.join(settable)}")
+        section, _, name = key.rpartition(".")
+        owner, target = (
+            (defaults.background, overrides.setdefault("background", {}))
+            if section
+            else (defaults, overrides)
+        )
         try:
-            overrides[key] = _typed(value, getattr(defaults, key))
+            target[name] = _typed(value, getattr(owner, name))
         except ValueError as err:
             raise SystemExit(f"--set {item}: {err}") from None
     return overrides

@@ -111,6 +111,11 @@ def test_set_overrides_are_typed_like_the_config_and_name_a_bad_item():
         parse_overrides(["seed=1.5"])
     with pytest.raises(SystemExit, match="--set data_weight: give KEY=VALUE"):
         parse_overrides(["data_weight"])
+    # the background's keys, dotted, go into one dict that RestoreConfig.with_ merges
+    background = parse_overrides(["background.enabled=true", "background.method=flat", "data_weight=1"])
+    assert background == {"background": {"enabled": True, "method": "flat"}, "data_weight": 1.0}
+    with pytest.raises(SystemExit, match="--set background.flat_threshold=high"):
+        parse_overrides(["background.flat_threshold=high"])
 
 
 def test_seed_summary_states_spread_and_ensemble_gain():
