@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from beads import load_field  # noqa: E402
 from microscopy_data import LEVELS, SYNTHETIC, bars_case, synthetic_case  # noqa: E402
 
-from cider.background import detection_kernel, flat_plane_sums, wavelet_background  # noqa: E402
+from cider.background import detection_kernel, flat_level, wavelet_background  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REDLIONFISH = Path(__file__).resolve().parents[2] / "shared" / "data" / "redlionfish"
@@ -52,9 +52,7 @@ def cases():
 
 def measure(name: str, data: np.ndarray, psf: np.ndarray, true: float) -> dict:
     """One row: both estimates next to the truth."""
-    kernel = detection_kernel(psf)
-    sums = [flat_plane_sums(plane, kernel) for plane in (data[None] if data.ndim == 2 else data)]
-    flat = sum(s for s, _ in sums) / sum(n for _, n in sums)
+    flat, fraction = flat_level(data[None] if data.ndim == 2 else data, detection_kernel(psf))
     wavelet = float(wavelet_background(data).mean())
     mean = float(data.mean())
     signal = mean - true
@@ -63,7 +61,7 @@ def measure(name: str, data: np.ndarray, psf: np.ndarray, true: float) -> dict:
         "shape": list(data.shape),
         "true_background": round(true, 3),
         "flat_level": round(flat, 3),
-        "flat_fraction": round(sum(n for _, n in sums) / data.size, 3),
+        "flat_fraction": round(fraction, 3),
         "wavelet_mean": round(wavelet, 3),
         "data_mean": round(mean, 3),
         "flat_takes_pct": round(100 * (flat - true) / signal, 1),

@@ -26,6 +26,7 @@ median is off by up to half a count, which the flux of faint spots does not surv
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +39,7 @@ __all__ = [
     "BackgroundConfig",
     "estimate_background",
     "flat_background",
+    "flat_level",
     "flat_plane_sums",
     "detection_kernel",
     "wavelet_background",
@@ -215,15 +217,25 @@ def flat_plane_sums(plane: np.ndarray, kernel: np.ndarray, threshold: float = 4.
     return float(plane[keep].sum()), int(np.count_nonzero(keep))
 
 
+def flat_level(
+    planes: Iterable[np.ndarray], kernel: np.ndarray, threshold: float = 4.0
+) -> tuple[float, float]:
+    """The flat level of 2D planes (read one at a time), their background pixels pooled
+    (:func:`flat_plane_sums`), and the fraction of their pixels it rests on."""
+    total, count, pixels = 0.0, 0, 0
+    for plane in planes:
+        plane_sum, plane_count = flat_plane_sums(plane, kernel, threshold)
+        total, count, pixels = total + plane_sum, count + plane_count, pixels + np.size(plane)
+    return total / count, count / pixels
+
+
 def flat_background(image: np.ndarray, psf: np.ndarray, config: BackgroundConfig | None = None) -> float:
     """One background level for a 2D image or a 3D volume (its planes' background pixels
-    pooled, :func:`flat_plane_sums`), in the image's units. The pipeline pools the sums of
-    evenly spaced planes of a large volume itself, reading one plane at a time."""
+    pooled, :func:`flat_level`), in the image's units. The pipeline measures a large
+    volume's evenly spaced planes, reading one plane at a time."""
     cfg = config or BackgroundConfig(method="flat")
     image = np.asarray(image, dtype=np.float64)
     if image.ndim not in (2, 3):
         raise ImageError(f"background: expected 2D or 3D data, got shape {image.shape}")
-    kernel = detection_kernel(psf)
     stack = image[None] if image.ndim == 2 else image
-    sums = [flat_plane_sums(plane, kernel, cfg.flat_threshold) for plane in stack]
-    return sum(s for s, _ in sums) / sum(n for _, n in sums)
+    return flat_level(stack, detection_kernel(psf), cfg.flat_threshold)[0]

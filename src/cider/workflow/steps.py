@@ -285,19 +285,15 @@ FLAT_SAMPLES = 2**24  # pixels (evenly spaced planes) a unit's flat background l
 
 def _flat_level(config: dict, unit_id: str, data, planes: list, offset: float, bg_cfg) -> tuple[float, float]:
     """A unit's flat background level (above ``offset``) and the fraction of the measured
-    planes' pixels it rests on (:func:`cider.background.flat_plane_sums`)."""
-    from ..background import detection_kernel, flat_plane_sums
+    planes' pixels it rests on (:func:`cider.background.flat_level`), one plane read at a
+    time."""
+    from ..background import detection_kernel, flat_level
 
     plan = make_plan(config)
     kernel = detection_kernel(make_psf(config, len(data.shape), psf_channel(config, plan.unit(unit_id))))
-    pixels = int(np.prod(data.shape[-2:]))
-    chosen = _spaced_planes(len(planes), pixels, FLAT_SAMPLES)
-    sums = [
-        flat_plane_sums(np.asarray(data[planes[i]], dtype=np.float64) - offset, kernel, bg_cfg.flat_threshold)
-        for i in sorted(chosen)
-    ]
-    count = sum(n for _, n in sums)
-    return sum(t for t, _ in sums) / count, count / (pixels * len(sums))
+    chosen = sorted(_spaced_planes(len(planes), int(np.prod(data.shape[-2:])), FLAT_SAMPLES))
+    read = (np.asarray(data[planes[i]], dtype=np.float64) - offset for i in chosen)
+    return flat_level(read, kernel, bg_cfg.flat_threshold)
 
 
 def _feature_source(rcfg) -> dict:
