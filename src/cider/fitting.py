@@ -25,6 +25,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,10 @@ __all__ = ["Fit", "fit_generator", "fit_generators", "fit_rl", "noise_aware_weig
 # together in chunks of at most this many object voxels when at least 4 fit in a chunk,
 # and one at a time otherwise. On CUDA the whole batch is one chunk.
 CPU_BATCH_VOXELS = 48_000
+# torch.compile backend of ``RestoreConfig.compile``. The tests set "eager": the same traced
+# graph (so a graph break or a tracing error shows), without the minutes of code generation
+# on a CPU.
+COMPILE_BACKEND = "inductor"
 
 Callback = Callable[[int, float, torch.Tensor], None]
 BatchCallback = Callable[[int, int, float, torch.Tensor], None]
@@ -350,6 +355,11 @@ class _Generators:
         # to them through the cast); the 1×1 head, the output and the optimiser stay float32.
         # (Batch-norm parameters kept float32 measured as fast and took 21% more memory.)
         self.low_precision = config.precision == "bfloat16"
+        self.compiled = (
+            _compiled_forwards(ndim, inputs.shape[1], config.output, COMPILE_BACKEND)
+            if config.compile
+            else None
+        )
 
     def weights(self, row: int) -> dict[str, torch.Tensor]:
         """Member ``row``'s current weights, detached, on the CPU."""
@@ -364,6 +374,13 @@ class _Generators:
         if self.low_precision:
             params = {k: v if k.startswith("head.") else v.to(torch.bfloat16) for k, v in params.items()}
             inputs = inputs.to(torch.bfloat16)
+        if self.compiled is not None:
+            one, many = self.compiled
+            return (
+                one({k: v[0] for k, v in params.items()}, inputs)
+                if len(inputs) == 1
+                else many(params, inputs)
+            )
         if len(inputs) == 1:  # the plain module is faster than a vmap of one
             params = {k: v[0] for k, v in params.items()}
             return functional_call(self.module, (params, self.buffers), (inputs,))
@@ -385,6 +402,33 @@ class _Generators:
                 for key, value in old_state[old].items()
             }
         self.params, self.optimizer = new_params, optimizer
+
+
+@lru_cache(maxsize=8)
+def _compiled_forwards(ndim: int, in_channels: int, output: str, backend: str) -> tuple[Callable, Callable]:
+    """``torch.compile``d forward passes (one member, a batch) of a generator kind.
+
+    They run a template module through ``functional_call`` with the weights passed in,
+    so every fit of the process (each chunk of a tile job, each batch) reuses one
+    compilation per input shape instead of compiling per fit. The template's own weights
+    are never used, and after ``replace_all_batch_norm_modules_`` it has no buffers.
+    """
+    module = Generator(ndim, GeneratorConfig(in_channels=in_channels, output=output))
+    replace_all_batch_norm_modules_(module)
+
+    def one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(module, params, (x,))
+
+    def member(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(module, params, (x[None],))[0]
+
+    def many(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return vmap(member)(params, x)
+
+    return (
+        torch.compile(one, backend=backend, fullgraph=True),
+        torch.compile(many, backend=backend, fullgraph=True),
+    )
 
 
 def fit_generators(
