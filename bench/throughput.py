@@ -226,6 +226,53 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _bf16_row(r: dict) -> str:
+    return (
+        f"| {r['case']} | {r['batch']} | {r['bf16_batched_tiles_per_s']} | **{r['bf16_speedup']}×** | "
+        f"{r['bf16_speedup_over_float32_batched']}× | {r['bf16_mean_psnr_diff_db']} | "
+        f"{r['bf16_quality_diff_db']} | {r.get('cuda_peak_mib_batched', '–')} / "
+        f"{r.get('cuda_peak_mib_batched_bf16', '–')} |"
+    )
+
+
+def _compiled_row(r: dict) -> str:
+    return (
+        f"| {r['case']} | {r['batch']} | {r['compiled_compile_seconds']} | "
+        f"{r['compiled_batched_tiles_per_s']} | **{r['compiled_speedup_over_float32_batched']}×** | "
+        f"{r['compiled_mean_psnr_diff_db']} | {r['bf16_compiled_compile_seconds']} | "
+        f"{r['bf16_compiled_batched_tiles_per_s']} | "
+        f"**{r['bf16_compiled_speedup_over_float32_batched']}×** | {r['bf16_compiled_mean_psnr_diff_db']} |"
+    )
+
+
+# The tables after the main one: (a key the case's row has, caption, header, row)
+EXTRA_TABLES = [
+    (
+        "bf16_speedup",
+        "bfloat16 generator body (`restore.precision: bfloat16`), batched, against "
+        "float32 one at a time (`speedup`) and float32 batched; quality: mean PSNR difference to "
+        "float32 batched (negative = bf16 worse) and the largest per-member |difference|.",
+        "case | B | bf16 batched tiles/s | speedup over sequential float32 | over batched float32 "
+        "| mean PSNR diff (dB) | largest diff (dB) | peak MiB float32 / bf16",
+        _bf16_row,
+    ),
+    (
+        "compiled_batched_tiles_per_s",
+        "`restore.compile` (torch.compile, inductor), batched, against the uncompiled float32 "
+        "batch: the compilation (a two-iteration fit of the batch) and the speed after it; "
+        "quality: mean PSNR difference to the uncompiled float32 batch.",
+        "case | B | compile s | compiled tiles/s | over batched float32 | PSNR diff (dB) "
+        "| bf16 + compile: compile s | tiles/s | over batched float32 | PSNR diff (dB)",
+        _compiled_row,
+    ),
+]
+
+
+def _section(caption: str, header: str, rows: list[str]) -> list[str]:
+    """A captioned markdown table; ``header`` is the column names joined by " | "."""
+    return ["", caption, "", f"| {header} |", "|" + "---|" * len(header.split(" | ")), *rows]
+
+
 def markdown(results: dict) -> str:
     lines = [
         f"# Fitting throughput — {results['device']}",
@@ -247,45 +294,10 @@ def markdown(results: dict) -> str:
             f"{r['quality_diff_db']} | {r['rounding_diff_db']} | {r['saved_activation_mib_batch1']} / "
             f"{r['saved_activation_mib_batched']} |"
         )
-    low = [r for r in results["cases"] if "bf16_speedup" in r]
-    if low:
-        lines += [
-            "",
-            "bfloat16 generator body (`restore.precision: bfloat16`), batched, against "
-            "float32 one at a time (`speedup`) and float32 batched; quality: mean PSNR difference to "
-            "float32 batched (negative = bf16 worse) and the largest per-member |difference|.",
-            "",
-            "| case | B | bf16 batched tiles/s | speedup over sequential float32 | over batched float32 "
-            "| mean PSNR diff (dB) | largest diff (dB) | peak MiB float32 / bf16 |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in low:
-            lines.append(
-                f"| {r['case']} | {r['batch']} | {r['bf16_batched_tiles_per_s']} | **{r['bf16_speedup']}×** | "
-                f"{r['bf16_speedup_over_float32_batched']}× | {r['bf16_mean_psnr_diff_db']} | "
-                f"{r['bf16_quality_diff_db']} | {r.get('cuda_peak_mib_batched', '–')} / "
-                f"{r.get('cuda_peak_mib_batched_bf16', '–')} |"
-            )
-    compiled = [r for r in results["cases"] if "compiled_batched_tiles_per_s" in r]
-    if compiled:
-        lines += [
-            "",
-            "`restore.compile` (torch.compile, inductor), batched, against the uncompiled float32 "
-            "batch: the compilation (a two-iteration fit of the batch) and the speed after it; "
-            "quality: mean PSNR difference to the uncompiled float32 batch.",
-            "",
-            "| case | B | compile s | compiled tiles/s | over batched float32 | PSNR diff (dB) "
-            "| bf16 + compile: compile s | tiles/s | over batched float32 | PSNR diff (dB) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in compiled:
-            lines.append(
-                f"| {r['case']} | {r['batch']} | {r['compiled_compile_seconds']} | "
-                f"{r['compiled_batched_tiles_per_s']} | **{r['compiled_speedup_over_float32_batched']}×** | "
-                f"{r['compiled_mean_psnr_diff_db']} | {r['bf16_compiled_compile_seconds']} | "
-                f"{r['bf16_compiled_batched_tiles_per_s']} | "
-                f"**{r['bf16_compiled_speedup_over_float32_batched']}×** | {r['bf16_compiled_mean_psnr_diff_db']} |"
-            )
+    for key, caption, header, row in EXTRA_TABLES:
+        chosen = [r for r in results["cases"] if key in r]
+        if chosen:
+            lines += _section(caption, header, [row(r) for r in chosen])
     if results.get("large_3d_estimate"):
         e = results["large_3d_estimate"]
         lines += [
