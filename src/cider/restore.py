@@ -228,15 +228,15 @@ class RestoreConfig:
         (``bench/results/throughput_gpu.md``).
     compile : bool
         Run the generator's forward (and so its backward) through ``torch.compile``
-        (inductor; one graph without breaks): fused kernels for the batch norm, LeakyReLU
-        and padding that take about 40 % of a large 3D tile's GPU time. Every process
-        compiles once per generator kind and input shape (tens of seconds on a GPU, minutes
-        on a CPU; a batch whose size changes when members stop compiles once more), so it
-        pays on long fits and many same-shape tiles. The result equals the uncompiled fit
-        up to float rounding (which the fit amplifies, as between two GPUs). On a CPU (2
-        cores), one batch of 8 tiles of 64²: 160 s of compilation, then 1.2× the speed of
-        the uncompiled batch (``bench/results/throughput_compile_cpu.md``); not yet timed
-        on a GPU. Off by default.
+        (inductor; one graph without breaks), aimed at the batch norm, LeakyReLU and
+        padding that take about 40 % of a large 3D tile's GPU time. Every process compiles
+        once per generator kind and input shape (a batch whose size changes when members
+        stop compiles once more), so it pays on long fits of many same-shape tiles. The
+        result equals the uncompiled fit up to float rounding (which the fit amplifies, as
+        between two GPUs). On a CPU (2 cores), one batch of 8 tiles of 64²: 160 s of
+        compilation, then 1.2× the speed of the uncompiled batch
+        (``bench/results/throughput_compile_cpu.md``). Not yet timed on a GPU. Off by
+        default.
     deterministic : bool
         On CUDA, use deterministic kernels only (``torch.use_deterministic_algorithms``,
         no cuDNN autotuning): bit-identical reruns on the same GPU and software, at some
