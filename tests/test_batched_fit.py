@@ -253,8 +253,8 @@ def test_compiled_fit_equals_the_uncompiled_one(monkeypatch):
     compiled = replace(config, compile=True)
     features, prepared = [f for f, _ in members], [p for _, p in members]
     calls = []
-    original = cider.fitting._compiled_forwards.__wrapped__
-    monkeypatch.setattr(cider.fitting, "_compiled_forwards", lambda *key: calls.append(key) or original(*key))
+    original = cider.fitting._forwards.__wrapped__
+    monkeypatch.setattr(cider.fitting, "_forwards", lambda *key: calls.append(key) or original(*key))
     fits = fit_generators(features, prepared, compiled)
     assert calls == [(2, features[0].shape[0], "softplus", "eager")]
     assert len({f.iterations for f in fits}) > 1  # the batch shrank mid-fit

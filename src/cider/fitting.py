@@ -338,7 +338,6 @@ class _Generators:
         self.module = module.to(device=device, dtype=inputs.dtype)
         if start is not None:
             _load_start(self.module, start)
-        self.buffers = {k: v for k, v in self.module.named_buffers()}
         self.params = {
             name: p.detach()[None].repeat(len(levels), *([1] * p.ndim)).requires_grad_()
             for name, p in self.module.named_parameters()
@@ -350,23 +349,16 @@ class _Generators:
         self.optimizer = torch.optim.NAdam(
             list(self.params.values()), lr=config.learning_rate, weight_decay=config.weight_decay
         )
-        self._forward = vmap(self._one, in_dims=(0, 0))
         # bfloat16: the body runs on bf16 copies of the float32 weights (gradients flow back
         # to them through the cast); the 1×1 head, the output and the optimiser stay float32.
         # (Batch-norm parameters kept float32 measured as fast and took 21% more memory.)
         self.low_precision = config.precision == "bfloat16"
-        self.compiled = (
-            _compiled_forwards(ndim, inputs.shape[1], config.output, COMPILE_BACKEND)
-            if config.compile
-            else None
-        )
+        backend = COMPILE_BACKEND if config.compile else None
+        self.one, self.many = _forwards(ndim, inputs.shape[1], config.output, backend)
 
     def weights(self, row: int) -> dict[str, torch.Tensor]:
         """Member ``row``'s current weights, detached, on the CPU."""
         return {name: p[row].detach().to("cpu", copy=True) for name, p in self.params.items()}
-
-    def _one(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.module, (params, self.buffers), (x[None],))[0]
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         """Outputs ``(B, 1, *object_shape)`` of the B generators for inputs ``(B, C, ...)``."""
@@ -374,17 +366,9 @@ class _Generators:
         if self.low_precision:
             params = {k: v if k.startswith("head.") else v.to(torch.bfloat16) for k, v in params.items()}
             inputs = inputs.to(torch.bfloat16)
-        if self.compiled is not None:
-            one, many = self.compiled
-            return (
-                one({k: v[0] for k, v in params.items()}, inputs)
-                if len(inputs) == 1
-                else many(params, inputs)
-            )
         if len(inputs) == 1:  # the plain module is faster than a vmap of one
-            params = {k: v[0] for k, v in params.items()}
-            return functional_call(self.module, (params, self.buffers), (inputs,))
-        return self._forward(params, inputs)
+            return self.one({k: v[0] for k, v in params.items()}, inputs)
+        return self.many(params, inputs)
 
     def keep(self, rows: list[int]) -> None:
         """Drop every member but ``rows``, with its weights and optimiser state."""
@@ -405,13 +389,15 @@ class _Generators:
 
 
 @lru_cache(maxsize=8)
-def _compiled_forwards(ndim: int, in_channels: int, output: str, backend: str) -> tuple[Callable, Callable]:
-    """``torch.compile``d forward passes (one member, a batch) of a generator kind.
+def _forwards(ndim: int, in_channels: int, output: str, backend: str | None) -> tuple[Callable, Callable]:
+    """Forward passes (one member, a batch) of a generator kind, ``torch.compile``d with
+    ``backend`` unless it is None (``RestoreConfig.compile``).
 
     They run a template module through ``functional_call`` with the weights passed in,
-    so every fit of the process (each chunk of a tile job, each batch) reuses one
-    compilation per input shape instead of compiling per fit. The template's own weights
-    are never used, and after ``replace_all_batch_norm_modules_`` it has no buffers.
+    so every fit of the process (each chunk of a tile job, each batch) shares them, and a
+    compiled pass compiles once per input shape instead of once per fit. The template's
+    own weights are never used, and after ``replace_all_batch_norm_modules_`` it has no
+    buffers.
     """
     module = Generator(ndim, GeneratorConfig(in_channels=in_channels, output=output))
     replace_all_batch_norm_modules_(module)
@@ -419,12 +405,11 @@ def _compiled_forwards(ndim: int, in_channels: int, output: str, backend: str) -
     def one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(module, params, (x,))
 
-    def member(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(module, params, (x[None],))[0]
-
     def many(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return vmap(member)(params, x)
+        return vmap(lambda p, member: one(p, member[None])[0])(params, x)
 
+    if backend is None:
+        return one, many
     return (
         torch.compile(one, backend=backend, fullgraph=True),
         torch.compile(many, backend=backend, fullgraph=True),
