@@ -3,11 +3,12 @@
 CI starts a single-node cluster with ``.ci/slurm/start.sh`` (see the Makefile's ``test``
 target); elsewhere these tests are skipped. CI-only overrides of site settings, given on
 the command line below and nowhere else: ``--slurm-status-command squeue`` (the CI
-cluster has no accounting database, so ``sacct`` cannot work), shorter status polling
-(every 2 s, without the plugin's back-off: ``tests/slurm_client.py``; it cut these tests
-from 15.7 to 8 minutes, with one clean run shared by two tests), and ``$CIDER_ALLOW_CPU=1`` (the CI cluster's "gpu" partition has no GPU; a real GPU job
-without CUDA fails at start). Partitions (``cpu``, ``gpu``), GPU requests, retries and
-batch grouping come from the profile unchanged.
+cluster has no accounting database, so ``sacct`` cannot work), status polling every 2 s
+without the plugin's back-off (``tests/slurm_client.py``), and ``$CIDER_ALLOW_CPU=1``
+(the CI cluster's "gpu" partition has no GPU; a real GPU job without CUDA fails at
+start). Partitions (``cpu``, ``gpu``), GPU requests, retries and batch grouping come from
+the profile unchanged. The polling and one clean run shared by two tests cut these tests
+from 15.7 to 8 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
