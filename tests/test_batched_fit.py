@@ -265,6 +265,30 @@ def test_compiled_fit_equals_the_uncompiled_one(monkeypatch):
     )
 
 
+def test_compile_without_a_compiler_fails_before_the_fit_naming_the_setting(monkeypatch):
+    """A node that cannot build compiled code (here: no C++ compiler, as on a CPU node
+    without one; Triton missing is the CUDA case) fails before the first iteration with a
+    message naming ``restore.compile`` and what to do, instead of inductor's error in the
+    middle of the fit. ~7 s: inductor's own compiler search, caches off."""
+    import torch._inductor.config as inductor
+
+    import cider
+    from cider.fitting import check_compile
+
+    check_compile.cache_clear()  # a probe that passed earlier in this process is cached
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler",))
+    monkeypatch.setattr(inductor, "force_disable_caches", True)
+    image = np.random.default_rng(0).random((24, 24))
+    config = RestoreConfig(iterations=3, compile=True, device="cpu", progress=False)
+    with pytest.raises(
+        CiderError,
+        match=r"restore.compile: torch.compile \(inductor\) cannot build code on cpu: .*no-such-compiler"
+        r".*Make a C\+\+ compiler available .*or set restore.compile: false",
+    ):
+        cider.restore(image, gaussian_psf(1.0), config)
+    check_compile.cache_clear()
+
+
 @pytest.mark.gpu
 def test_inductor_compiled_fit_on_cuda_matches_the_uncompiled_one():
     """inductor's fused kernels on CUDA: the same fit up to rounding (float64 keeps the

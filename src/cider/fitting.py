@@ -39,7 +39,7 @@ from .rl import BlurOperator, censored, richardson_lucy
 if TYPE_CHECKING:
     from .restore import Prepared, RestoreConfig
 
-__all__ = ["Fit", "fit_generator", "fit_generators", "fit_rl", "noise_aware_weights"]
+__all__ = ["Fit", "check_compile", "fit_generator", "fit_generators", "fit_rl", "noise_aware_weights"]
 
 # On a CPU a batch is faster only for small members (bench/results/throughput.md: 1.4× for
 # 8 tiles of 76² object voxels, 0.8× for 140², 0.6× for 268²): there, members are fitted
@@ -416,6 +416,33 @@ def _forwards(ndim: int, in_channels: int, output: str, backend: str | None) -> 
     )
 
 
+@lru_cache(maxsize=4)
+def check_compile(device: torch.device, backend: str = "inductor") -> None:
+    """Fail now if ``torch.compile`` cannot build code on ``device`` (``RestoreConfig.compile``).
+
+    Compiles a small forward and backward pass (seconds; the generator's compilation
+    then takes minutes). Without this, a node without a C++ compiler (CPU) or without
+    Triton (CUDA) would fail at the first iteration of the fit, after the job's features
+    and RL were computed. Checked once per device and backend in a process.
+
+    Raises
+    ------
+    CiderError
+        Naming ``restore.compile``, the device, torch's reason and what to do.
+    """
+    probe = torch.compile(lambda x: torch.sigmoid(x) * 2 + 1, backend=backend, fullgraph=True)
+    x = torch.ones(8, device=device, requires_grad=True)
+    try:
+        probe(x).sum().backward()
+    except Exception as err:  # torch raises backend-specific types
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        need = "Triton (it comes with the CUDA build of torch)" if device.type == "cuda" else "a C++ compiler"
+        raise CiderError(
+            f"restore.compile: torch.compile ({backend}) cannot build code on {device}: {reason}. "
+            f"Make {need} available on the nodes that fit, or set restore.compile: false"
+        ) from err
+
+
 def fit_generators(
     features: Sequence[torch.Tensor],
     prepared: Sequence[Prepared],
@@ -471,6 +498,8 @@ def fit_generators(
     device = prepared[active[0]].observation.device
     if device.type == "cuda":
         _configure_cuda(config.deterministic)
+    if config.compile:
+        check_compile(device, COMPILE_BACKEND)
     size = len(active) if device.type == "cuda" else _cpu_chunk(features[active[0]][0].numel())
     for first in range(0, len(active), size):
         chunk = active[first : first + size]

@@ -236,7 +236,9 @@ class RestoreConfig:
         between two GPUs). On a CPU (2 cores), one batch of 8 tiles of 64²: 160 s of
         compilation, then 1.2× the speed of the uncompiled batch
         (``bench/results/throughput_compile_cpu.md``). Not yet timed on a GPU. Off by
-        default.
+        default. A fit first compiles a small probe (:func:`cider.fitting.check_compile`,
+        seconds) and stops with a message naming this setting where the node cannot
+        build code (no C++ compiler on a CPU, no Triton on CUDA).
     deterministic : bool
         On CUDA, use deterministic kernels only (``torch.use_deterministic_algorithms``,
         no cuDNN autotuning): bit-identical reruns on the same GPU and software, at some

@@ -495,11 +495,15 @@ def run_fit(config: dict, batch_id: str) -> dict:
     """
     import torch
 
+    from .. import fitting
     from ..restore import resolve_device, to_data_units
 
     plan, p = make_plan(config), paths(config)
     batch = plan.batch(batch_id)
-    resolve_device(config["restore"]["device"])  # fail at start, not after the features
+    # fail at start, not after the features
+    requested = resolve_device(config["restore"]["device"])
+    if config["restore"]["compile"] and config["restore"]["method"] != "rl":
+        fitting.check_compile(requested, fitting.COMPILE_BACKEND)
     failing = set(batch.tiles) & set(os.environ.get(FAIL_ENV, "").split(","))
     if failing:
         raise RuntimeError(f"tile {sorted(failing)[0]}: failure injected through ${FAIL_ENV} (testing hook)")
