@@ -269,7 +269,7 @@ def test_compile_without_a_compiler_fails_before_the_fit_naming_the_setting(monk
     """A node that cannot build compiled code (here: no C++ compiler, as on a CPU node
     without one; Triton missing is the CUDA case) fails before the first iteration with a
     message naming ``restore.compile`` and what to do, instead of inductor's error in the
-    middle of the fit. ~7 s: inductor's own compiler search, caches off."""
+    middle of the fit. ~2 s: inductor's own compiler search, caches off."""
     import torch._inductor.config as inductor
 
     import cider

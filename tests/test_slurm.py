@@ -27,6 +27,7 @@ import tifffile
 
 from cider.workflow import ALLOW_CPU_ENV, FAIL_ENV
 
+from . import test_workflow
 from .conftest import ROOT
 from .test_workflow import _dataset
 
@@ -98,7 +99,7 @@ def _scontrol(job: str) -> str:
     return subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
 
 
-SMALL_RUN = {"shape": (60, 60), "sigma": 1.2, "tile": 32, "iterations": 15, "batch_size": 2}
+SMALL_RUN = {**test_workflow.SMALL_RUN, "iterations": 15}
 # 4 tiles in batches of 2 (b0: t0, t1; b1: t2, t3), both fit jobs in one "restore" group
 
 

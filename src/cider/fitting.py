@@ -335,12 +335,13 @@ class _Generators:
         ndim, device = inputs.ndim - 2, inputs.device
         module = Generator(ndim, GeneratorConfig(in_channels=inputs.shape[1], output=config.output))
         replace_all_batch_norm_modules_(module)  # batch statistics only, no running buffers
-        self.module = module.to(device=device, dtype=inputs.dtype)
+        # Only the initial weights come from it: the passes run _forwards' template on self.params.
+        module = module.to(device=device, dtype=inputs.dtype)
         if start is not None:
-            _load_start(self.module, start)
+            _load_start(module, start)
         self.params = {
             name: p.detach()[None].repeat(len(levels), *([1] * p.ndim)).requires_grad_()
-            for name, p in self.module.named_parameters()
+            for name, p in module.named_parameters()
         }
         if config.output == "softplus" and start is None:
             bias = [softplus_inverse(level) for level in levels]
