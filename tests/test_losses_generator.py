@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cider.generator import Generator, GeneratorConfig, count_parameters
+from cider.generator import Generator, GeneratorConfig, count_parameters, voxel_strides
 from cider.losses import hessian_penalty, sparsity_penalty, ssim_loss, ssim_windows, variance_stabilised
 
 
@@ -121,6 +121,34 @@ def test_generator_output_shape_and_range(shape):
     assert out.shape == paper.shape == (1, 1, *shape)
     assert float(out.min()) > 0
     assert 0 <= float(paper.min()) and float(paper.max()) <= 1
+
+
+def test_voxel_strides_keep_z_until_the_levels_are_near_isotropic():
+    """nnU-Net's rule: an axis is halved only while its spacing is under twice the finest."""
+    iso, keep_z = (2, 2, 2), (1, 2, 2)
+    assert voxel_strides((3.0, 1.0, 1.0)) == (keep_z, iso, iso, iso)  # spacing 3:2:2 after level 0
+    assert voxel_strides((2.0, 0.5, 0.5)) == (keep_z, keep_z, iso, iso)  # 4× keeps z twice
+    assert voxel_strides((1.9, 1.0, 1.0)) == (iso,) * 4
+    assert voxel_strides((0.3, 0.3)) == ((2, 2),) * 4
+
+
+def test_generator_with_z_strides_pads_z_less_and_keeps_any_size():
+    """Strides (1, 2, 2) at the first level: z is padded to a multiple of 8, not 16; the
+    output has the input's shape; the isotropic strides spelled out are the default net."""
+    config = GeneratorConfig(strides=voxel_strides((3.0, 1.0, 1.0)))
+    assert config.multiples(3) == (8, 16, 16) and GeneratorConfig().multiples(3) == (16, 16, 16)
+    torch.manual_seed(0)
+    x = torch.rand(1, 16, 13, 30, 21)
+    with torch.no_grad():
+        out = Generator(3, config)(x)
+        torch.manual_seed(1)
+        default = Generator(3)(x)
+        torch.manual_seed(1)
+        spelled = Generator(3, GeneratorConfig(strides=voxel_strides((1.0, 1.0, 1.0))))(x)
+    assert out.shape == (1, 1, 13, 30, 21) and bool(torch.isfinite(out).all())
+    assert torch.equal(default, spelled)
+    with pytest.raises(ValueError, match="1 or 2 per axis for each of the 4 levels"):
+        GeneratorConfig(strides=((1, 2, 2),))
 
 
 def test_hessian_with_voxel_size_measures_physical_curvature():

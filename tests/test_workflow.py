@@ -304,6 +304,7 @@ def test_small_tiles_and_images_of_any_size_are_packed_into_few_jobs():
 def test_gpu_memory_sizes_passes_and_names_a_tile_size_that_fits(tmp_path, capfd):
     """fit.gpu_memory_gb: a pass holds what the card holds; a tile that does not fit alone
     is refused at planning with the largest tiling.tile_size that fits, which then plans."""
+    from cider.generator import voxel_strides
     from cider.memory import fit_memory_bytes
 
     tifffile.imwrite(tmp_path / "v.tif", np.zeros((96, 128, 128), np.uint16))
@@ -329,6 +330,17 @@ def test_gpu_memory_sizes_passes_and_names_a_tile_size_that_fits(tmp_path, capfd
         fitted = tuple(n + k - 1 for n, k in zip(shape, psf))
         assert fit_memory_bytes(fitted, size) <= budget < fit_memory_bytes(fitted, size + 1)
     assert f"fitted {max(sizes)} per pass, not fit.batch_size 8" in capfd.readouterr().err
+
+    # restore.generator_strides: voxel (z step 2.5× xy keeps z at the first level) is
+    # counted: ~7 % more per tile here, one tile less per pass on a 12 GB card
+    card = config | {"fit": {"batch_size": 8, "gpu_memory_gb": 12}}
+    isotropic = make_plan(validate_config(card))
+    strided = make_plan(validate_config(card | {"restore": {"generator_strides": "voxel"}}))
+    most = [max(len(p) for b in plan.batches for p in b.passes) for plan in (isotropic, strided)]
+    assert most[1] == most[0] - 1
+    fitted = tuple(n + k - 1 for n, k in zip(strided.tiles[0].padded_shape, psf))
+    strides = voxel_strides((0.5, 0.2, 0.2))
+    assert fit_memory_bytes(fitted, most[1], strides=strides) <= 0.9 * 12 * 2**30
 
     config["fit"]["gpu_memory_gb"] = 2
     with pytest.raises(

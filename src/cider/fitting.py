@@ -330,10 +330,13 @@ class _Generators:
         config: RestoreConfig,
         levels: list[float],
         start: dict[str, torch.Tensor] | None = None,
+        strides: tuple[tuple[int, ...], ...] = (),
     ):
         torch.manual_seed(config.seed)
         ndim, device = inputs.ndim - 2, inputs.device
-        module = Generator(ndim, GeneratorConfig(in_channels=inputs.shape[1], output=config.output))
+        module = Generator(
+            ndim, GeneratorConfig(in_channels=inputs.shape[1], output=config.output, strides=strides)
+        )
         replace_all_batch_norm_modules_(module)  # batch statistics only, no running buffers
         # Only the initial weights come from it: the passes run _forwards' template on self.params.
         module = module.to(device=device, dtype=inputs.dtype)
@@ -355,7 +358,7 @@ class _Generators:
         # (Batch-norm parameters kept float32 measured as fast and took 21% more memory.)
         self.low_precision = config.precision == "bfloat16"
         backend = COMPILE_BACKEND if config.compile else None
-        self.one, self.many = _forwards(ndim, inputs.shape[1], config.output, backend)
+        self.one, self.many = _forwards(ndim, inputs.shape[1], config.output, backend, strides)
 
     def weights(self, row: int) -> dict[str, torch.Tensor]:
         """Member ``row``'s current weights, detached, on the CPU."""
@@ -390,7 +393,9 @@ class _Generators:
 
 
 @lru_cache(maxsize=8)
-def _forwards(ndim: int, in_channels: int, output: str, backend: str | None) -> tuple[Callable, Callable]:
+def _forwards(
+    ndim: int, in_channels: int, output: str, backend: str | None, strides: tuple[tuple[int, ...], ...] = ()
+) -> tuple[Callable, Callable]:
     """Forward passes (one member, a batch) of a generator kind, ``torch.compile``d with
     ``backend`` unless it is None (``RestoreConfig.compile``).
 
@@ -400,7 +405,7 @@ def _forwards(ndim: int, in_channels: int, output: str, backend: str | None) -> 
     own weights are never used, and after ``replace_all_batch_norm_modules_`` it has no
     buffers.
     """
-    module = Generator(ndim, GeneratorConfig(in_channels=in_channels, output=output))
+    module = Generator(ndim, GeneratorConfig(in_channels=in_channels, output=output, strides=strides))
     replace_all_batch_norm_modules_(module)
 
     def one(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -529,7 +534,8 @@ def _fit_together(
     first = prepared[active[0]]
     blur = BlurOperator(first.psf, first.observation.shape, boundary="valid")
     members = _members(features, prepared, active, config)
-    generators = _Generators(members.inputs, config, [_level(prepared[i]) for i in active], start)
+    levels = [_level(prepared[i]) for i in active]
+    generators = _Generators(members.inputs, config, levels, start, config.strides(first.voxel_size))
     average: torch.Tensor | None = None
     # keep_best: the estimate at the lowest logged loss, so a late loss spike is not returned
     keep_best = config.keep_best and not config.average

@@ -20,13 +20,14 @@ therefore ``softplus`` (positive, unbounded; its bias starts at the data's mean 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GeneratorConfig", "Generator", "count_parameters", "softplus_inverse"]
+__all__ = ["GeneratorConfig", "Generator", "count_parameters", "softplus_inverse", "voxel_strides"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class GeneratorConfig:
         Levels (0-based) whose encoder gets a dot-product non-local block.
     output : {"softplus", "sigmoid"}
         Output activation: ``softplus`` (positive, unbounded) or ``sigmoid`` (paper, (0, 1)).
+    strides : tuple of tuple of int
+        Each level's downsampling stride per axis (1 or 2), e.g. from
+        :func:`voxel_strides`; empty (default): 2 on every axis at every level.
     """
 
     in_channels: int = 16
@@ -54,15 +58,56 @@ class GeneratorConfig:
     channels_skip: tuple[int, ...] = (16, 16, 16, 16)
     nonlocal_levels: tuple[int, ...] = (2, 3)
     output: str = "softplus"
+    strides: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
             raise ValueError(f"generator output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.strides and (
+            len(self.strides) != len(self.channels_down)
+            or len({len(s) for s in self.strides}) != 1
+            or any(n not in (1, 2) for s in self.strides for n in s)
+        ):
+            raise ValueError(
+                f"generator strides must give 1 or 2 per axis for each of the {len(self.channels_down)} "
+                f"levels, got {self.strides!r}"
+            )
 
     @property
     def multiple(self) -> int:
-        """Inputs are padded to a multiple of this per axis (``2**levels``)."""
+        """Inputs are padded to a multiple of this on every axis (``2**levels``), at most."""
         return 2 ** len(self.channels_down)
+
+    def multiples(self, ndim: int) -> tuple[int, ...]:
+        """Inputs are padded to a multiple of these per axis (the product of the strides)."""
+        if not self.strides:
+            return (self.multiple,) * ndim
+        return tuple(math.prod(s[axis] for s in self.strides) for axis in range(ndim))
+
+
+def voxel_strides(voxel_size: Sequence[float], levels: int = 4) -> tuple[tuple[int, ...], ...]:
+    """Per-level strides that make the generator's levels closer to isotropic voxels.
+
+    At each level an axis is halved only while its spacing is less than twice the finest
+    spacing of that level (the rule of nnU-Net for anisotropic data): a z step 3× the xy
+    pixel keeps every plane at the first level (spacing 3 : 2 : 2 after it) and is halved
+    with xy from then on, so the coarsest level has 8× fewer planes instead of 16×.
+
+    Parameters
+    ----------
+    voxel_size : sequence of float
+        Physical size per axis (any unit), Z Y X order.
+    levels : int
+        Number of levels (downsamplings).
+    """
+    spacing = [float(v) for v in voxel_size]
+    strides = []
+    for _ in range(levels):
+        finest = min(spacing)
+        stride = tuple(2 if v / finest < 2 else 1 for v in spacing)
+        spacing = [v * s for v, s in zip(spacing, stride)]
+        strides.append(stride)
+    return tuple(strides)
 
 
 OUTPUTS = ("softplus", "sigmoid")
@@ -94,7 +139,7 @@ def _layers(ndim: int) -> tuple[type[nn.Module], type[nn.Module], str]:
 class _ConvBlock(nn.Sequential):
     """Reflection-padded convolution, batch norm and LeakyReLU."""
 
-    def __init__(self, ndim: int, c_in: int, c_out: int, kernel: int, stride: int = 1):
+    def __init__(self, ndim: int, c_in: int, c_out: int, kernel: int, stride: int | tuple[int, ...] = 1):
         conv, norm, _ = _layers(ndim)
         pad = (kernel - 1) // 2
         padding = nn.ReflectionPad2d(pad) if ndim == 2 else nn.ReplicationPad3d(pad)
@@ -144,8 +189,9 @@ class _Level(nn.Module):
         down, up, skip = cfg.channels_down, cfg.channels_up, cfg.channels_skip
         last = level == len(down) - 1
         self.skip = _ConvBlock(ndim, c_in, skip[level], 1) if skip[level] else None
+        stride = cfg.strides[level] if cfg.strides else 2
         encoder: list[nn.Module] = [
-            _ConvBlock(ndim, c_in, down[level], 3, stride=2),
+            _ConvBlock(ndim, c_in, down[level], 3, stride=stride),
         ]
         if level in cfg.nonlocal_levels:
             encoder.append(_NonLocal(ndim, down[level]))
@@ -173,7 +219,8 @@ class Generator(nn.Module):
     """Encoder–decoder generator for 2D (N,C,Y,X) or 3D (N,C,Z,Y,X) inputs.
 
     Inputs of any size are accepted: they are reflect-padded to a multiple of
-    ``2**levels`` and the output is cropped back to the input size.
+    ``2**levels`` per axis (of the product of the strides, with ``config.strides``) and the
+    output is cropped back to the input size.
 
     Parameters
     ----------
@@ -193,9 +240,8 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        multiple = self.config.multiple
         pad: list[int] = []
-        for n in reversed(size):
+        for n, multiple in zip(reversed(size), reversed(self.config.multiples(len(size)))):
             extra = -n % multiple
             pad += [extra // 2, extra - extra // 2]
         mode = "reflect" if all(p < n for p, n in zip(pad[::2], reversed(size))) else "replicate"

@@ -48,7 +48,12 @@ BOUND_BYTES_PER_VOXEL = 4 * 2**10
 BOUND_BYTES_PER_MEMBER = 8 * 2**20
 
 
-def activation_bytes(object_shape: Sequence[int], batch: int = 1, in_channels: int = 16) -> int:
+Strides = tuple[tuple[int, ...], ...]
+
+
+def activation_bytes(
+    object_shape: Sequence[int], batch: int = 1, in_channels: int = 16, strides: Strides = ()
+) -> int:
     """Bytes of activations autograd keeps for one training step of ``batch`` generators.
 
     Traced on the ``meta`` device (no memory is allocated, nothing is computed, ≈ 0.2 s):
@@ -63,13 +68,15 @@ def activation_bytes(object_shape: Sequence[int], batch: int = 1, in_channels: i
         Members fitted in one forward pass.
     in_channels : int
         Feature channels the generator reads.
+    strides : tuple of tuple of int
+        The generator's per-level strides (``GeneratorConfig.strides``; empty: 2).
     """
-    return _traced_bytes(tuple(int(n) for n in object_shape), batch, in_channels)
+    return _traced_bytes(tuple(int(n) for n in object_shape), batch, in_channels, tuple(strides))
 
 
 @lru_cache(maxsize=64)
-def _traced_bytes(object_shape: tuple[int, ...], batch: int, in_channels: int) -> int:
-    module = Generator(len(object_shape), GeneratorConfig(in_channels=in_channels))
+def _traced_bytes(object_shape: tuple[int, ...], batch: int, in_channels: int, strides: Strides) -> int:
+    module = Generator(len(object_shape), GeneratorConfig(in_channels=in_channels, strides=strides))
     replace_all_batch_norm_modules_(module)
     module = module.to("meta")
     params = {
@@ -96,34 +103,44 @@ def _state_bytes(ndim: int, in_channels: int) -> int:
     return STATE_COPIES * 4 * sum(p.numel() for p in module.parameters())
 
 
-def fit_memory_bytes(object_shape: Sequence[int], batch: int = 1, in_channels: int = 16) -> int:
+def fit_memory_bytes(
+    object_shape: Sequence[int], batch: int = 1, in_channels: int = 16, strides: Strides = ()
+) -> int:
     """Peak device memory of one pass of ``batch`` members (estimate, float32).
 
     ``1.75 × batch × activation_bytes(object_shape) + batch × weights and optimiser state
     + 640 MiB``; see the module docstring for how it compares with measured peaks.
+    ``strides``: the generator's (``RestoreConfig.strides``).
     """
-    per_member = PEAK_PER_SAVED_BYTE * activation_bytes(object_shape, 1, in_channels)
+    per_member = PEAK_PER_SAVED_BYTE * activation_bytes(object_shape, 1, in_channels, strides)
     return int(batch * (per_member + _state_bytes(len(object_shape), in_channels)) + OVERHEAD_BYTES)
 
 
-def fit_memory_bound(object_shape: Sequence[int], batch: int = 1, in_channels: int = 16) -> int:
-    """An upper bound of :func:`fit_memory_bytes` without a trace (instant; 1–2.1× above it)."""
-    multiple = GeneratorConfig().multiple
-    padded = math.prod(-(-n // multiple) * multiple for n in object_shape)
+def fit_memory_bound(
+    object_shape: Sequence[int], batch: int = 1, in_channels: int = 16, strides: Strides = ()
+) -> int:
+    """An upper bound of :func:`fit_memory_bytes` without a trace (instant; 1–2.1× above it).
+
+    With ``strides`` (z kept at the first level) the object is padded to their per-axis
+    multiples; the traced bytes are then 2.3–2.5 KiB per padded voxel, still under the
+    bound's 4 KiB.
+    """
+    multiples = GeneratorConfig(strides=tuple(strides)).multiples(len(object_shape))
+    padded = math.prod(-(-n // m) * m for n, m in zip(object_shape, multiples))
     saved = BOUND_BYTES_PER_VOXEL * padded + BOUND_BYTES_PER_MEMBER
     per_member = PEAK_PER_SAVED_BYTE * saved
     return int(batch * (per_member + _state_bytes(len(object_shape), in_channels)) + OVERHEAD_BYTES)
 
 
-def largest_batch(object_shape: Sequence[int], budget_bytes: float, most: int) -> int:
+def largest_batch(object_shape: Sequence[int], budget_bytes: float, most: int, strides: Strides = ()) -> int:
     """Most members (≤ ``most``) of one pass whose estimated peak stays within the budget.
 
     0 when a single member does not fit. Traces only when the trace-free bound exceeds
     the budget, so small tiles and images cost nothing to check.
     """
-    if fit_memory_bound(object_shape, most) <= budget_bytes:
+    if fit_memory_bound(object_shape, most, strides=strides) <= budget_bytes:
         return most
-    one = fit_memory_bytes(object_shape, 1) - OVERHEAD_BYTES
+    one = fit_memory_bytes(object_shape, 1, strides=strides) - OVERHEAD_BYTES
     return max(0, min(most, int((budget_bytes - OVERHEAD_BYTES) // one)))
 
 
@@ -133,6 +150,7 @@ def largest_tile(
     psf_shape: Sequence[int],
     budget_bytes: float,
     least: Sequence[int] | None = None,
+    strides: Strides = (),
 ) -> tuple[int, ...] | None:
     """The largest tile core (``tile_size`` scaled down, multiples of 8) one member of which fits.
 
@@ -147,7 +165,8 @@ def largest_tile(
     def fits(c: tuple[int, ...]) -> bool:
         shape = tuple(n + 2 * m + k - 1 for n, m, k in zip(c, margin, psf_shape))
         # the bound first: no trace for small shapes (nor for tiny ones, which cannot be traced)
-        return fit_memory_bound(shape, 1) <= budget_bytes or fit_memory_bytes(shape, 1) <= budget_bytes
+        bound = fit_memory_bound(shape, 1, strides=strides)
+        return bound <= budget_bytes or fit_memory_bytes(shape, 1, strides=strides) <= budget_bytes
 
     if not fits(core(0.0)):
         return None

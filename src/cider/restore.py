@@ -35,7 +35,7 @@ from .background import BackgroundConfig, estimate_background
 from .errors import CiderError, ImageError
 from .features import extract_features, load_feature_extractor, weights_digest
 from .fitting import Fit, fit_generator, fit_generators, fit_rl, noise_aware_weights
-from .generator import OUTPUTS
+from .generator import OUTPUTS, voxel_strides
 from .noise import NoiseModel, estimate_noise
 from .psf import validate_psf
 from .rl import from_positive, richardson_lucy, to_positive
@@ -68,6 +68,7 @@ GENERATOR_INPUTS = ("features", "image_rl", "features_image", "noise")
 STOP_RULES = ("discrepancy", "none")
 PRECISIONS = ("float32", "bfloat16")
 SSIM_WINDOWS = ("voxel", "physical")
+GENERATOR_STRIDES = ("isotropic", "voxel")
 HESSIAN_DOMAINS = ("intensity", "stabilised")
 KEEP_BEST_BY = ("loss", "block")
 # Settings for fluorescence (bright objects on a dark background), measured in
@@ -151,6 +152,15 @@ class RestoreConfig:
         resolution elements on every axis; the physical window measured 0.04–0.16 dB
         worse on z-step-3× volumes (bench/README.md, "Anisotropic voxels"). The Hessian
         prior always uses the voxel size.
+    generator_strides : {"isotropic", "voxel"}
+        How the generator downsamples a volume with a ``voxel_size``: by 2 on every axis
+        at each of its four levels (``"isotropic"``, the paper's network), or (``"voxel"``)
+        only along axes whose spacing is under twice the finest at that level
+        (:func:`cider.generator.voxel_strides`): a z step 2–3× the xy pixel keeps every
+        plane at the first level, so the coarsest level has 8× fewer planes, not 16×.
+        Costs ~1.3× the activations of a tile (``cider.memory`` counts it). Measured on
+        the CPU at 300 it. (bench/README.md, "The generator's strides in z"): +0.16 dB on
+        gauss3d_low (two seeds), level on lightsheet3d_low; not yet the default.
     data_weight : float
         Weight of the noise-weighted L2 data term ``σ² · mean((Ax − y)² / var(Ax))``
         (the χ² per pixel times the mean noise variance σ², so that the term is an
@@ -267,6 +277,7 @@ class RestoreConfig:
     hessian_noise_weight: float = 60.0
     ssim_noise_factor: float = 5.0
     ssim_window: str = "voxel"
+    generator_strides: str = "isotropic"
     hessian_domain: str = "intensity"
     sparsity_weight: float = 0.0
     data_weight: float = 0.0
@@ -323,6 +334,7 @@ class RestoreConfig:
             ("output", OUTPUTS),
             ("precision", PRECISIONS),
             ("ssim_window", SSIM_WINDOWS),
+            ("generator_strides", GENERATOR_STRIDES),
             ("hessian_domain", HESSIAN_DOMAINS),
             ("keep_best_by", KEEP_BEST_BY),
         ):
@@ -337,6 +349,13 @@ class RestoreConfig:
         the whole image's range (:func:`feature_range`): not for ``generator_input="noise"``
         nor for ``method="rl"``."""
         return self.method == "cider" and self.generator_input != "noise"
+
+    def strides(self, voxel_size: Sequence[float] | None) -> tuple[tuple[int, ...], ...]:
+        """The generator's per-level strides for data of this voxel size
+        (``GeneratorConfig.strides``; empty: 2 on every axis)."""
+        if self.generator_strides == "voxel" and voxel_size is not None:
+            return voxel_strides(voxel_size)
+        return ()
 
     def with_(self, **changes) -> RestoreConfig:
         """Copy with some fields changed (``background`` may be given as a dict)."""

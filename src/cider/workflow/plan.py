@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import io
 from ..errors import CiderError
+from ..generator import voxel_strides
 from ..memory import fit_memory_bytes, largest_batch, largest_tile
 from ..tiling import Tile, minimum_margin, tile_grid, unit_name
 from .config import output_settings
@@ -279,12 +280,14 @@ def gpu_pass_sizes(
     tile_size: tuple[int, ...],
     fit: dict,
     least: tuple[int, ...] | None = None,
+    strides: tuple[tuple[int, ...], ...] = (),
 ) -> dict[tuple[int, ...], int]:
     """Tiles per pass for every padded tile shape, so each pass fits ``fit.gpu_memory_gb``.
 
     ``fit.batch_size`` where the whole pass fits (:func:`cider.memory.largest_batch`),
     fewer where not (printed once). ``least``: the smallest tile core the blending
-    allows, per axis (a suggested tile size never goes below it).
+    allows, per axis (a suggested tile size never goes below it). ``strides``: the
+    generator's (``restore.generator_strides``), which change its memory.
 
     Raises
     ------
@@ -297,10 +300,10 @@ def gpu_pass_sizes(
     sizes: dict[tuple[int, ...], int] = {}
     for shape in dict.fromkeys(shapes):
         fitted = tuple(n + k - 1 for n, k in zip(shape, psf_shape))
-        size = largest_batch(fitted, budget, fit["batch_size"])
+        size = largest_batch(fitted, budget, fit["batch_size"], strides)
         if size == 0:
-            need = fit_memory_bytes(fitted, 1) / 2**30
-            fits = largest_tile(tile_size, margin, psf_shape, budget, least)
+            need = fit_memory_bytes(fitted, 1, strides=strides) / 2**30
+            fits = largest_tile(tile_size, margin, psf_shape, budget, least, strides)
             hint = (
                 f"set tiling.tile_size to at most {list(fits)}"
                 if fits
@@ -445,7 +448,10 @@ def _cached_plan(config_json: str) -> Plan:
     if config["fit"].get("gpu_memory_gb"):
         shapes = [t.padded_shape for t in tiles]
         least = tuple(max(8, 4 * b) for b in blend)  # tile_size ≥ 4 × blend (checked above)
-        pass_sizes = gpu_pass_sizes(shapes, tuple(psf_shape), tuple(margin), tile_size, config["fit"], least)
+        strides = voxel_strides(voxel) if voxel and config.get("generator_strides") == "voxel" else ()
+        pass_sizes = gpu_pass_sizes(
+            shapes, tuple(psf_shape), tuple(margin), tile_size, config["fit"], least, strides
+        )
     psf_of_tile = [channel_of[units[t.unit].id] for t in tiles]
     batches = make_batches(tiles, config["fit"]["batch_size"], per_job, pass_sizes, psf_of_tile)
     groups = make_groups([(u.id, int(np.prod(u.shape))) for u in units], per_job, "g")
@@ -520,7 +526,7 @@ PLAN_KEYS = (
     "jobs",
     "output_dir",
     "work_dir",
-)  # the config the plan depends on
+)  # the config the plan depends on, and restore.generator_strides when it is "voxel"
 
 
 def make_plan(config: dict) -> Plan:
@@ -533,6 +539,8 @@ def make_plan(config: dict) -> Plan:
     ``stat`` per file); otherwise the plan is made anew and rewritten. Cached per process.
     """
     settings = {key: output_settings(config, key) for key in PLAN_KEYS}
+    if (config.get("restore") or {}).get("generator_strides") == "voxel":
+        settings["generator_strides"] = "voxel"  # the fit's memory per tile (absent: isotropic)
     return _stored_plan(json.dumps(settings, sort_keys=True, default=str))
 
 
