@@ -286,7 +286,7 @@ def test_compiled_fit_equals_the_uncompiled_one(monkeypatch):
     original = cider.fitting._forwards.__wrapped__
     monkeypatch.setattr(cider.fitting, "_forwards", lambda *key: calls.append(key) or original(*key))
     fits = fit_generators(features, prepared, compiled)
-    assert calls == [(2, features[0].shape[0], "softplus", "eager")]
+    assert calls == [(2, features[0].shape[0], "softplus", "eager", ())]  # no strides: 2D
     assert len({f.iterations for f in fits}) > 1  # the batch shrank mid-fit
     for fit, plain in zip(fits, fit_generators(features, prepared, config)):
         _assert_same(fit, plain)
