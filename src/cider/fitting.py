@@ -32,7 +32,7 @@ import torch
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
 from .errors import CiderError
-from .generator import Generator, GeneratorConfig, softplus_inverse
+from .generator import Generator, GeneratorConfig, Strides, softplus_inverse
 from .losses import hessian_penalty, sparsity_penalty, ssim_loss, variance_stabilised
 from .rl import BlurOperator, censored, richardson_lucy
 
@@ -330,7 +330,7 @@ class _Generators:
         config: RestoreConfig,
         levels: list[float],
         start: dict[str, torch.Tensor] | None = None,
-        strides: tuple[tuple[int, ...], ...] = (),
+        strides: Strides = (),
     ):
         torch.manual_seed(config.seed)
         ndim, device = inputs.ndim - 2, inputs.device
@@ -394,7 +394,7 @@ class _Generators:
 
 @lru_cache(maxsize=8)
 def _forwards(
-    ndim: int, in_channels: int, output: str, backend: str | None, strides: tuple[tuple[int, ...], ...] = ()
+    ndim: int, in_channels: int, output: str, backend: str | None, strides: Strides = ()
 ) -> tuple[Callable, Callable]:
     """Forward passes (one member, a batch) of a generator kind, ``torch.compile``d with
     ``backend`` unless it is None (``RestoreConfig.compile``).

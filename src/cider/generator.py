@@ -27,7 +27,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GeneratorConfig", "Generator", "count_parameters", "softplus_inverse", "voxel_strides"]
+__all__ = ["GeneratorConfig", "Generator", "Strides", "count_parameters", "softplus_inverse", "voxel_strides"]
+
+# Each level's downsampling stride per axis (GeneratorConfig.strides); empty: 2 everywhere.
+Strides = tuple[tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class GeneratorConfig:
     channels_skip: tuple[int, ...] = (16, 16, 16, 16)
     nonlocal_levels: tuple[int, ...] = (2, 3)
     output: str = "softplus"
-    strides: tuple[tuple[int, ...], ...] = ()
+    strides: Strides = ()
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -73,19 +76,15 @@ class GeneratorConfig:
                 f"levels, got {self.strides!r}"
             )
 
-    @property
-    def multiple(self) -> int:
-        """Inputs are padded to a multiple of this on every axis (``2**levels``), at most."""
-        return 2 ** len(self.channels_down)
-
     def multiples(self, ndim: int) -> tuple[int, ...]:
-        """Inputs are padded to a multiple of these per axis (the product of the strides)."""
+        """Inputs are padded to a multiple of these per axis: the product of the strides
+        (``2**levels`` on every axis without ``strides``)."""
         if not self.strides:
-            return (self.multiple,) * ndim
+            return (2 ** len(self.channels_down),) * ndim
         return tuple(math.prod(s[axis] for s in self.strides) for axis in range(ndim))
 
 
-def voxel_strides(voxel_size: Sequence[float], levels: int = 4) -> tuple[tuple[int, ...], ...]:
+def voxel_strides(voxel_size: Sequence[float], levels: int = 4) -> Strides:
     """Per-level strides that make the generator's levels closer to isotropic voxels.
 
     At each level an axis is halved only while its spacing is less than twice the finest

@@ -29,7 +29,7 @@ from functools import lru_cache
 import torch
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
-from .generator import Generator, GeneratorConfig
+from .generator import Generator, GeneratorConfig, Strides
 
 __all__ = ["activation_bytes", "fit_memory_bytes", "fit_memory_bound", "largest_batch", "largest_tile"]
 
@@ -42,13 +42,10 @@ STATE_COPIES = 4
 # features, observation, cuDNN handles and the allocator's slack, once per process
 OVERHEAD_BYTES = 640 * 2**20
 # A bound on the traced bytes that needs no trace: 4 KiB per voxel of the object padded
-# to the generator's multiple (GeneratorConfig.multiple, 16; 2.1–3.9 KiB measured
+# to the generator's multiples (GeneratorConfig.multiples, 16; 2.1–3.9 KiB measured
 # from 20×20 to 132×354² and from 20³ to 80×202²) plus 8 MiB per member.
 BOUND_BYTES_PER_VOXEL = 4 * 2**10
 BOUND_BYTES_PER_MEMBER = 8 * 2**20
-
-
-Strides = tuple[tuple[int, ...], ...]
 
 
 def activation_bytes(

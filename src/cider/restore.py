@@ -35,7 +35,7 @@ from .background import BackgroundConfig, estimate_background
 from .errors import CiderError, ImageError
 from .features import extract_features, load_feature_extractor, weights_digest
 from .fitting import Fit, fit_generator, fit_generators, fit_rl, noise_aware_weights
-from .generator import OUTPUTS, voxel_strides
+from .generator import OUTPUTS, Strides, voxel_strides
 from .noise import NoiseModel, estimate_noise
 from .psf import validate_psf
 from .rl import from_positive, richardson_lucy, to_positive
@@ -158,9 +158,10 @@ class RestoreConfig:
         only along axes whose spacing is under twice the finest at that level
         (:func:`cider.generator.voxel_strides`): a z step 2–3× the xy pixel keeps every
         plane at the first level, so the coarsest level has 8× fewer planes, not 16×.
-        Costs ~1.3× the activations of a tile (``cider.memory`` counts it). Measured on
-        the CPU at 300 it. (bench/README.md, "The generator's strides in z"): +0.16 dB on
-        gauss3d_low (two seeds), level on lightsheet3d_low; not yet the default.
+        Costs 1.07–1.2× the activations of a tile (``cider.memory`` counts it). Measured
+        on the CPU at 300 it. (bench/README.md, "The generator's strides in z"): +0.16 dB
+        on gauss3d_low (two seeds), level on lightsheet3d_low and widefield3d_low; not yet
+        the default.
     data_weight : float
         Weight of the noise-weighted L2 data term ``σ² · mean((Ax − y)² / var(Ax))``
         (the χ² per pixel times the mean noise variance σ², so that the term is an
@@ -350,7 +351,7 @@ class RestoreConfig:
         nor for ``method="rl"``."""
         return self.method == "cider" and self.generator_input != "noise"
 
-    def strides(self, voxel_size: Sequence[float] | None) -> tuple[tuple[int, ...], ...]:
+    def strides(self, voxel_size: Sequence[float] | None) -> Strides:
         """The generator's per-level strides for data of this voxel size
         (``GeneratorConfig.strides``; empty: 2 on every axis)."""
         if self.generator_strides == "voxel" and voxel_size is not None:

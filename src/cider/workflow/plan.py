@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import io
 from ..errors import CiderError
-from ..generator import voxel_strides
+from ..generator import Strides, voxel_strides
 from ..memory import fit_memory_bytes, largest_batch, largest_tile
 from ..tiling import Tile, minimum_margin, tile_grid, unit_name
 from .config import output_settings
@@ -280,7 +280,7 @@ def gpu_pass_sizes(
     tile_size: tuple[int, ...],
     fit: dict,
     least: tuple[int, ...] | None = None,
-    strides: tuple[tuple[int, ...], ...] = (),
+    strides: Strides = (),
 ) -> dict[tuple[int, ...], int]:
     """Tiles per pass for every padded tile shape, so each pass fits ``fit.gpu_memory_gb``.
 
