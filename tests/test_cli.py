@@ -185,6 +185,15 @@ def test_voxel_sizes_reach_the_fit_and_the_psf_and_the_output_records_them(tmp_p
     assert made["voxel_size"] == [0.5, 0.2, 0.2] and made["psf_voxel_size"] == [0.25, 0.2, 0.2]
     assert made["settings"]["iterations"] == 3 and made["settings"]["hessian_domain"] == "intensity"
     assert made["psf"] == str(tmp_path / "psf.tif") and any("resampled" in n for n in made["psf_notes"])
+    # --generator-strides voxel reaches the fit (z kept at the first level: another result)
+    strided = [*args, "--voxel", *voxel, "--generator-strides", "voxel", "--quiet"]
+    assert cli.main([*strided, "--psf-voxel", *psf_voxel, "-o", str(tmp_path / "strided.tif")]) == 0
+    config = RestoreConfig(iterations=3, generator_strides="voxel")
+    expected_strided = restore(volume, psf, config, voxel_size=[0.5, 0.2, 0.2]).restored
+    with tifffile.TiffFile(tmp_path / "strided.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), expected_strided.astype(np.float32))
+        assert json.loads(tif.pages[0].description)["cider"]["settings"]["generator_strides"] == "voxel"
+    assert not np.allclose(expected_strided, expected)
     # a PNG keeps the same record in its 'cider' text chunk
     image = (blobs((32, 32), 6) * 200 + 10).astype(np.uint8)
     io.write_image(tmp_path / "in.png", image)
@@ -291,6 +300,7 @@ def test_psf_command_writes_normalised_psf(tmp_path):
             "--psf-voxel is the sampling of a --psf file: give --psf and the image's --voxel",
         ),
         (["--voxel", "0.1"], "--voxel 0.1: give 2 or 3 positive sizes"),
+        (["--generator-strides", "voxel"], "--generator-strides voxel follows the voxel size: give"),
     ],
 )
 def test_restore_refuses_bad_requests_before_any_work(tmp_path, capsys, extra, message):

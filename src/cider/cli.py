@@ -108,6 +108,7 @@ def _restore(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         feature_weights=args.weights,
         early_stop_patience=args.early_stop,
+        generator_strides=args.generator_strides,
     ).with_(background={"enabled": args.background is not None, "method": args.background or "wavelet"})
     if args.fluorescence:
         config = config.with_(
@@ -237,6 +238,8 @@ def _restore_refusal(args: argparse.Namespace) -> str | None:
             float(args.saturation)
         except ValueError:
             return f"--saturation {args.saturation}: give auto, none or a level in the image's units"
+    if args.generator_strides == "voxel" and not args.voxel:
+        return "--generator-strides voxel follows the voxel size: give the image's --voxel (Z Y X)"
     if args.psf_voxel and not (args.voxel and args.psf):
         return "--psf-voxel is the sampling of a --psf file: give --psf and the image's --voxel too"
     for flag, values in (("--voxel", args.voxel), ("--psf-voxel", args.psf_voxel)):
@@ -396,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--weights",
         help="feature-extractor weights (default: the shipped features.pt; --fluorescence: features_rl10.pt)",
+    )
+    r.add_argument(
+        "--generator-strides",
+        choices=("isotropic", "voxel"),
+        default="isotropic",
+        help="isotropic (default): the generator halves every axis at each level; voxel: only "
+        "axes whose spacing is under twice the finest, so a coarse z step keeps its planes "
+        "(needs --voxel; RestoreConfig.generator_strides)",
     )
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
