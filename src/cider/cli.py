@@ -33,7 +33,7 @@ examples:
 def _hint_modality(image, args: argparse.Namespace) -> None:
     """Say so when the image does not look like the settings chosen (dark background
     without ``--fluorescence``, bright field with it); plain RL is not affected."""
-    from .restore import looks_like
+    from .restore_config import looks_like
 
     if args.rl is not None:
         return
@@ -56,7 +56,7 @@ def _hint_modality(image, args: argparse.Namespace) -> None:
 def _hint_misfit(chi2: float, config) -> None:
     """Say so when a fit with a data term ends far above χ² = 1 (``CHI2_MISFIT``): the PSF
     or the noise model does not explain the data, and the data term fits the mismatch."""
-    from .restore import CHI2_MISFIT
+    from .restore_config import CHI2_MISFIT
 
     if config.method == "rl" or not config.data_weight or not chi2 > CHI2_MISFIT:
         return

@@ -26,7 +26,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
@@ -34,12 +33,19 @@ from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 from .errors import CiderError
 from .generator import Generator, GeneratorConfig, Strides, softplus_inverse
 from .losses import hessian_penalty, sparsity_penalty, ssim_loss, variance_stabilised
+from .noise import NoiseModel
+from .restore_config import RestoreConfig
 from .rl import BlurOperator, censored, richardson_lucy
 
-if TYPE_CHECKING:
-    from .restore import Prepared, RestoreConfig
-
-__all__ = ["Fit", "check_compile", "fit_generator", "fit_generators", "fit_rl", "noise_aware_weights"]
+__all__ = [
+    "Prepared",
+    "Fit",
+    "check_compile",
+    "fit_generator",
+    "fit_generators",
+    "fit_rl",
+    "noise_aware_weights",
+]
 
 # On a CPU a batch is faster only for small members (bench/results/throughput.md: 1.4× for
 # 8 tiles of 76² object voxels, 0.8× for 140², 0.6× for 268²): there, members are fitted
@@ -53,6 +59,34 @@ COMPILE_BACKEND = "inductor"
 
 Callback = Callable[[int, float, torch.Tensor], None]
 BatchCallback = Callable[[int, int, float, torch.Tensor], None]
+
+
+@dataclass
+class Prepared:
+    """Observation ready for the method (made by :func:`cider.restore.prepare`):
+    background removed, divided by ``scale``.
+
+    ``image = observation * scale`` maps results back to data units; ``noise`` is the
+    noise model of ``observation`` (already scaled), ``mean_signal`` the mean signal
+    (same units; the whole image's in the workflow, so all its tiles agree, ≥ 0) and
+    ``noise_level`` the noise's standard deviation there, which sets the noise-aware
+    loss weights and the variance-stabilised Hessian's scale. ``saturated`` marks the
+    pixels at a camera's full scale: their true value is only known to be at least the
+    data there, so the fits treat them as lower bounds (censored), not as measurements.
+    ``background`` is the background removed (a map or a level, not the offset), which
+    plain RL keeps in its model (:func:`fit_rl`).
+    """
+
+    observation: torch.Tensor
+    psf: torch.Tensor
+    scale: float
+    noise: NoiseModel
+    noise_level: float
+    voxel_size: tuple[float, ...] | None = None
+    mean_signal: float = 0.0
+    saturated: torch.Tensor | None = None  # bool, observation shape: censored pixels (≥ the data there)
+    background_level: float | None = None  # a flat background subtracted (data units, above the offset)
+    background: torch.Tensor | None = None  # the background subtracted (observation's shape and units)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .features import FeatureExtractor
-from .restore import RestoreConfig
+from .restore_config import RestoreConfig
 from .rl import BlurOperator, from_positive, richardson_lucy, to_positive
 
 FEATURE_OFFSET = RestoreConfig.feature_offset  # the default positivity map RL sees at restoration time

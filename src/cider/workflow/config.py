@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import CiderError
-from ..restore import FLUORESCENCE
+from ..restore_config import FLUORESCENCE
 
 # Inside the package, so validation works from an installed wheel, not only a checkout.
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"

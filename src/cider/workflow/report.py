@@ -328,11 +328,11 @@ def modality_notes(config: dict, intensity: dict[str, dict]) -> list[str]:
 
     The modality sets the data term and the Hessian's domain; the wrong one costs 1.0-2.9
     dB (bench/README.md, "The data term per modality"). Judged per image by
-    :func:`cider.restore.looks_like` on the background job's record (``intensity``, from
+    :func:`cider.restore_config.looks_like` on the background job's record (``intensity``, from
     :func:`intensity_records`: mean and maximum of the background-free data); none for
     ``restore.method: rl``, which the modality does not change.
     """
-    from ..restore import looks_like
+    from ..restore_config import looks_like
 
     restore = config["restore"]
     if restore["method"] == "rl":
@@ -357,7 +357,7 @@ def modality_notes(config: dict, intensity: dict[str, dict]) -> list[str]:
 
 def data_term_notes(config: dict, median_chi2: float | None) -> list[str]:
     """A warning when a fit with a data term ends far above χ² = 1 (median over the tiles
-    above :data:`cider.restore.CHI2_MISFIT`).
+    above :data:`cider.restore_config.CHI2_MISFIT`).
 
     The residual is then not the noise the model expects (a PSF that does not match the
     data, a noise model that does not hold), and the data term fits what the model cannot
@@ -365,7 +365,7 @@ def data_term_notes(config: dict, median_chi2: float | None) -> list[str]:
     brightfield ones, which have no data term (bench/README.md, "As the pipeline runs
     it"). None for plain RL or without a data term.
     """
-    from ..restore import CHI2_MISFIT
+    from ..restore_config import CHI2_MISFIT
 
     restore = config["restore"]
     if restore["method"] == "rl" or not restore["data_weight"] or median_chi2 is None:
