@@ -1,5 +1,6 @@
-"""The core's imports go one way (README, "Architecture"): each core module imports only
-the core modules listed before it, and none imports tiling, io, the CLI or the workflow."""
+"""The imports go one way (README, "Architecture"): each core module imports only the core
+modules listed before it, and none imports tiling, io, the CLI or the workflow; tiling and
+io import no other cider module."""
 
 import ast
 from pathlib import Path
@@ -58,3 +59,8 @@ def test_the_fit_does_not_reach_up_to_restore():
     and input types live below it, so ``cider.fitting`` needs nothing from ``cider.restore``."""
     assert "restore" not in cider_imports("fitting") and "restore_config" in cider_imports("fitting")
     assert cider_imports("restore_config") <= {"background", "errors", "generator"}
+
+
+@pytest.mark.parametrize("module", ["tiling", "io"])
+def test_tiling_and_io_stand_alone(module):
+    assert cider_imports(module) == set()
