@@ -15,8 +15,9 @@ import numpy as np
 
 from .. import io
 from ..errors import CiderError
-from ..generator import Strides, voxel_strides
+from ..generator import Strides
 from ..memory import fit_memory_bytes, largest_batch, largest_tile
+from ..restore_config import RestoreConfig
 from ..tiling import Tile, minimum_margin, tile_grid, unit_name
 from .config import output_settings
 from .layout import paths
@@ -448,7 +449,7 @@ def _cached_plan(config_json: str) -> Plan:
     if config["fit"].get("gpu_memory_gb"):
         shapes = [t.padded_shape for t in tiles]
         least = tuple(max(8, 4 * b) for b in blend)  # tile_size ≥ 4 × blend (checked above)
-        strides = voxel_strides(voxel) if voxel and config.get("generator_strides") == "voxel" else ()
+        strides = RestoreConfig(generator_strides=config.get("generator_strides", "isotropic")).strides(voxel)
         pass_sizes = gpu_pass_sizes(
             shapes, tuple(psf_shape), tuple(margin), tile_size, config["fit"], least, strides
         )
