@@ -36,6 +36,8 @@ def cider_imports(module: str) -> set[str]:
                 found.add(node.module.split(".")[0])
             elif node.level == 1:
                 found.update(alias.name for alias in node.names)
+            elif node.level == 0 and node.module == "cider":
+                found.update(alias.name for alias in node.names)
             elif node.level == 0 and (node.module or "").startswith("cider."):
                 found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
