@@ -26,7 +26,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from beads import load_field  # noqa: E402
-from microscopy_data import LEVELS, SYNTHETIC, bars_case, synthetic_case  # noqa: E402
+from microscopy_data import SYNTHETIC, bars_case, synthetic_case  # noqa: E402
 
 from cider.background import detection_kernel, flat_level, wavelet_background  # noqa: E402
 
@@ -36,12 +36,12 @@ REDLIONFISH = Path(__file__).resolve().parents[2] / "shared" / "data" / "redlion
 
 def cases():
     """(name, data, PSF, true background) of every case."""
-    for name, (kind, _, level) in SYNTHETIC.items():
+    for name, (kind, _, _) in SYNTHETIC.items():
         if kind != "plankton":
             case = synthetic_case(name)
-            yield name, case.observation, case.psf, 0.02 * LEVELS[level][0]
+            yield name, case.observation, case.psf, case.background
     bars = bars_case()
-    yield "bars", bars.observation, bars.psf, float(bars.truth.min())
+    yield "bars", bars.observation, bars.psf, bars.background
     observation, psf, _, _, background = load_field("issue_25_bg100")
     yield "issue_25_bg100", observation, psf, background
     if REDLIONFISH.exists():

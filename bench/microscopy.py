@@ -10,21 +10,25 @@ volumes (light-sheet / widefield model PSFs and a Gaussian, z step 2–3× xy, P
 read noise at two photon levels) and 2D fluorescence / bright-field plankton scenes.
 One scorer for all rows (:func:`score`): PSNR and SSIM against the truth after a
 least-squares intensity fit ``a·x + b``, plus photometry *without* any fit: relative error
-of the total flux and median relative error of integrated bead intensities; and the
-texture left in flat truth regions (std there, in % of the truth's range).
+of the total flux and median relative error of integrated bead intensities (for a row
+that leaves the flat background out, ``rl_flat`` and generator rows with
+``background.enabled``, against the truth less the case's known background level:
+``photometry_vs: signal``); and the texture left in flat truth regions (std there, in %
+of the truth's range).
 
 Rows: ``blurred``; ``rl`` (boundary-aware RL at its best iteration count, an oracle
 choice, stated); ``rl_tv`` (RL with total-variation regularisation, Dey et al. 2006, best
 λ and iteration count, oracle); ``rl_flat`` (``rl`` with the flat background level of
 ``background.method: flat`` in its model, ``y ~ Poisson(Ax + level)``: the strongest
-simple baseline on fluorescence data, oracle; its flux and spot errors are against the
-truth with its background, which its output leaves out); ``wiener`` (best noise-to-signal
+simple baseline on fluorescence data, oracle); ``wiener`` (best noise-to-signal
 ratio, oracle);
 ``cider`` (package defaults; ``--modality case``: the settings the pipeline's
 ``restore.modality`` gives the case's kind of data, ``cider.FLUORESCENCE`` on every case
 but the bright-field plankton, ``--set`` still winning), ``cider_curve`` (defaults with the stop rule off, scored
 every 100 iterations: does it ever fall below the input?), ``image_rl`` and ``noise``
-(ablations). Writes ``bench/results/microscopy.json`` ({case: {method: {...}}}) and
+(ablations), ``tiled`` (the ``cider`` row's settings, restored tile by tile as the
+pipeline does it, :func:`tiled_restore`, and compared with the whole-image result). Writes
+``bench/results/microscopy.json`` ({case: {method: {...}}}) and
 ``bench/results/microscopy.md``.
 """
 
@@ -45,8 +49,15 @@ from overrides import parse_overrides  # noqa: E402
 
 from cider import FLUORESCENCE, RestoreConfig, losses  # noqa: E402
 from cider.background import flat_background  # noqa: E402
-from cider.restore import deconvolved_features, fit_generator, prepare, to_data_units  # noqa: E402
+from cider.restore import (  # noqa: E402
+    deconvolved_features,
+    feature_range,
+    fit_generator,
+    prepare,
+    to_data_units,
+)
 from cider.rl import BlurOperator  # noqa: E402
+from cider.tiling import Tile, minimum_margin, stitch, tile_grid, tile_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -62,7 +73,19 @@ MODALITY_SETTINGS = {
     "none": lambda name: {},
     "case": lambda name: {} if name in BRIGHTFIELD_CASES else dict(FLUORESCENCE),
 }
-METHODS = ["blurred", "rl", "rl_tv", "rl_flat", "wiener", "cider", "cider_curve", "image_rl", "noise"]
+METHODS = [
+    "blurred",
+    "rl",
+    "rl_tv",
+    "rl_flat",
+    "wiener",
+    "cider",
+    "cider_curve",
+    "image_rl",
+    "noise",
+    "tiled",
+]
+TILED_PARTS = 2  # the ``tiled`` row cuts Y and X into this many tile cores each (Z stays whole)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -73,8 +96,20 @@ def _ssim(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
     return float(structural_similarity(a, b, data_range=data_range, win_size=win))
 
 
-def score(restored: np.ndarray, case: Case) -> dict:
+def score(restored: np.ndarray, case: Case, background_removed: bool = False) -> dict:
     """PSNR/SSIM after a least-squares intensity fit; photometry and flat-region texture as is.
+
+    Parameters
+    ----------
+    restored : np.ndarray
+        The result on the observation's field, in data units.
+    case : Case
+        The case (truth, spots, the truth's flat background level).
+    background_removed : bool
+        The method leaves the flat background out of its result (``rl_flat``, or a
+        generator row with ``background.enabled``): its photometry is then scored against
+        the signal, ``truth - case.background``, not against the truth with its
+        background. The fit for PSNR/SSIM has an offset, so they are the same either way.
 
     Returns
     -------
@@ -82,9 +117,12 @@ def score(restored: np.ndarray, case: Case) -> dict:
         ``psnr``, ``ssim`` (after the fit), ``flux_err`` (% total flux error, no fit),
         ``spot_err`` (% median |error| of bead integrated intensity in 5-px boxes, no fit),
         ``flat_std`` (% of the truth's range: std of the fitted result where the truth is
-        flat), ``gain`` (the fit's slope: 1 = intensities already right).
+        flat), ``gain`` (the fit's slope: 1 = intensities already right), and
+        ``photometry_vs``: ``"truth"`` or ``"signal"`` (what the flux and spot errors
+        compare with).
     """
     truth = case.truth
+    reference = truth - case.background if background_removed else truth
     x = np.asarray(restored, dtype=np.float64)
     design = np.stack([x.ravel(), np.ones(x.size)], axis=1)
     (a, b), *_ = np.linalg.lstsq(design, truth.ravel(), rcond=None)
@@ -95,12 +133,13 @@ def score(restored: np.ndarray, case: Case) -> dict:
     out = {
         "psnr": round(10 * np.log10(data_range**2 / mse), 3),
         "ssim": round(_ssim(fitted, truth, data_range), 4),
-        "flux_err": round(100 * (x.sum() / truth.sum() - 1), 2),
+        "flux_err": round(100 * (x.sum() / reference.sum() - 1), 2),
         "flat_std": round(100 * float(fitted[flat].std()) / data_range, 3) if flat.any() else None,
         "gain": round(float(a), 4),
+        "photometry_vs": "signal" if background_removed else "truth",
     }
     if case.spots:
-        t, r = box_sums(truth, case.spots, 2), box_sums(x, case.spots, 2)
+        t, r = box_sums(reference, case.spots, 2), box_sums(x, case.spots, 2)
         out["spot_err"] = round(100 * float(np.median(np.abs(r / t - 1))), 2)
     return out
 
@@ -159,7 +198,7 @@ def rl_scores(case: Case, device: str, tv_weight: float = 0.0, background: float
             denominator = (weight - tv_weight * _tv_gradient(x / float(y.mean()))).clamp_min(0.05)
         x = torch.where(observed, x * update / denominator, x).clamp_min(0)
         if it in RL_CHECKPOINTS:
-            curve[it] = score(crop_fov(x, case.psf.shape), case)
+            curve[it] = score(crop_fov(x, case.psf.shape), case, background_removed=background > 0)
     best = max(curve, key=lambda k: curve[k]["psnr"])
     return {
         **curve[best],
@@ -196,11 +235,20 @@ def _embed(psf: np.ndarray, shape) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- CiDeR
-def cider_scores(case: Case, method: str, iterations: int, device: str, overrides: dict) -> dict:
-    """A generator-based row; ``cider_curve`` turns the stop rule off and scores every 100 it."""
-    config = RestoreConfig(
-        iterations=iterations, device=device, generator_input=GENERATOR_INPUT[method]
-    ).with_(**overrides)
+def cider_config(method: str, iterations: int, device: str, overrides: dict) -> RestoreConfig:
+    """The settings of a generator row: the package defaults, the row's generator input,
+    then ``overrides``."""
+    return RestoreConfig(iterations=iterations, device=device, generator_input=GENERATOR_INPUT[method]).with_(
+        **overrides
+    )
+
+
+def cider_scores(
+    case: Case, method: str, iterations: int, device: str, overrides: dict
+) -> tuple[dict, np.ndarray]:
+    """A generator-based row and its result (data units); ``cider_curve`` turns the stop
+    rule off and scores every 100 it."""
+    config = cider_config(method, iterations, device, overrides)
     curve: dict[int, dict] = {}
     callback = None
     if method == "cider_curve":
@@ -209,7 +257,7 @@ def cider_scores(case: Case, method: str, iterations: int, device: str, override
         def callback(iteration: int, loss: float, estimate: torch.Tensor) -> None:
             if (iteration + 1) % CURVE_EVERY == 0:
                 restored = to_data_units(estimate, prepared)
-                s = score(restored, case)
+                s = score(restored, case, config.background.enabled)
                 curve[iteration + 1] = {
                     "psnr": s["psnr"],
                     "ssim": s["ssim"],
@@ -226,7 +274,7 @@ def cider_scores(case: Case, method: str, iterations: int, device: str, override
     seconds = time.perf_counter() - start
     restored = to_data_units(fit.estimate, prepared)
     out = {
-        **score(restored, case),
+        **score(restored, case, config.background.enabled),
         "iterations": fit.iterations,
         "stopped": fit.stopped,
         "chi2": round(fit.chi2, 3),
@@ -238,7 +286,76 @@ def cider_scores(case: Case, method: str, iterations: int, device: str, override
         out["worst_psnr"] = min(c["psnr"] for c in curve.values())
         out["best_psnr"] = max(c["psnr"] for c in curve.values())
         out["best_iterations"] = max(curve, key=lambda k: curve[k]["psnr"])
-    return out
+    return out, restored
+
+
+def tiled_restore(case: Case, config: RestoreConfig) -> tuple[np.ndarray, list[Tile], tuple[int, ...]]:
+    """The case restored tile by tile, as the pipeline does it.
+
+    Y and X are cut into :data:`TILED_PARTS` cores each (Z whole), with the pipeline's
+    automatic margin (PSF size − 1) and blend (half the margin), and every padded window
+    of one shape (``uniform``, as the fit batches use). The per-image quantities come
+    from the whole image, as the pipeline's background job computes them once per image:
+    the background (flat level or map), the intensity scale, the noise model, the mean
+    signal and the features' value range. Each tile is fitted alone (a batched fit
+    equals the sequential one, ``tests/test_batched_fit.py``) and the tiles are blended.
+
+    Returns
+    -------
+    restored, tiles, blend
+        The stitched result (data units, float64), the tiles and the blend half widths.
+    """
+    voxel = case.voxel_size or None
+    whole = prepare(case.observation, case.psf, config, voxel_size=voxel)
+    value_range = None if config.generator_input == "noise" else feature_range(whole.observation, config)
+    background = whole.background_level
+    if background is None and whole.background is not None:
+        background = whole.background.cpu().numpy().astype(np.float64) * whole.scale
+    shape = case.observation.shape
+    core = tuple(n if axis < len(shape) - 2 else -(-n // TILED_PARTS) for axis, n in enumerate(shape))
+    margin = minimum_margin(case.psf.shape)
+    tiles = tile_grid(shape, core, margin, uniform=True)
+    restored = {}
+    for tile in tiles:
+        window = tile.slices()
+        prepared = prepare(
+            case.observation[window],
+            case.psf,
+            config,
+            background[window] if isinstance(background, np.ndarray) else background,
+            whole.scale,
+            whole.noise.scaled(whole.scale),
+            mean_signal=whole.mean_signal * whole.scale,
+            voxel_size=voxel,
+        )
+        fit = fit_generator(deconvolved_features(prepared, config, value_range), prepared, config)
+        restored[tile.id] = to_data_units(fit.estimate, prepared)
+    blend = tuple(max(1, m // 2) for m in margin)
+    return stitch(tiles, lambda t: restored[t.id], shape, blend, np.float64), tiles, blend
+
+
+def tiled_difference(tiled: np.ndarray, whole: np.ndarray, tiles: list[Tile], blend: tuple[int, ...]) -> dict:
+    """How far the tiled result is from the whole-image one, in % of the whole result's
+    range: RMS and largest difference over the image, RMS in the blend zones (where tiles
+    overlap: a seam shows there) and away from them (where only the tiles' own fits
+    differ). ``seam_rms`` well above ``core_rms`` would be a seam."""
+    seam = np.zeros(whole.shape, bool)
+    for tile in tiles:
+        weights = tile_weights(tile, whole.shape, blend)
+        seam[tile.slices()] |= (weights > 0) & (weights < 1)
+    diff = (tiled - whole) / float(np.ptp(whole))
+
+    def rms(values: np.ndarray) -> float:
+        return round(100 * float(np.sqrt(np.mean(values**2))), 3) if values.size else 0.0
+
+    return {
+        "rms_diff_pct": rms(diff),
+        "max_diff_pct": round(100 * float(np.abs(diff).max()), 3),
+        "seam_rms_diff_pct": rms(diff[seam]),
+        "core_rms_diff_pct": rms(diff[~seam]),
+        "seam_voxels_pct": round(100 * float(seam.mean()), 1),
+        "tiles": len(tiles),
+    }
 
 
 def _chi2(estimate: torch.Tensor, prepared) -> float:
@@ -254,6 +371,7 @@ def run_case(
     case: Case, methods, iterations: int, device: str, overrides: dict, modality: str = "none"
 ) -> dict:
     rows: dict[str, dict] = {}
+    results: dict[str, np.ndarray] = {}  # generator rows' results, for the tiled row's comparison
     for method in methods:
         start = time.perf_counter()
         if method == "blurred":
@@ -272,14 +390,36 @@ def run_case(
             rows[method] = {**rl_scores(case, device, background=level), "background_level": round(level, 4)}
         elif method == "wiener":
             rows[method] = wiener_scores(case)
+        elif method == "tiled":
+            settings = {**MODALITY_SETTINGS[modality](case.name), **overrides}
+            rows[method] = tiled_scores(case, iterations, device, settings, results.get("cider"))
         else:
             settings = {**MODALITY_SETTINGS[modality](case.name), **overrides}
-            rows[method] = cider_scores(case, method, iterations, device, settings)
+            rows[method], results[method] = cider_scores(case, method, iterations, device, settings)
         print(
             f"{case.name:18s} {method:12s} {_brief(rows[method])} ({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
     return rows
+
+
+def tiled_scores(
+    case: Case, iterations: int, device: str, settings: dict, whole: np.ndarray | None = None
+) -> dict:
+    """The ``tiled`` row: the ``cider`` row's settings, tile by tile; scored as any row,
+    plus its difference from the whole-image result (``whole``: the ``cider`` row's, made
+    here when that row did not run)."""
+    if whole is None:
+        _, whole = cider_scores(case, "cider", iterations, device, settings)
+    config = cider_config("cider", iterations, device, settings)
+    start = time.perf_counter()
+    tiled, tiles, blend = tiled_restore(case, config)
+    return {
+        **score(tiled, case, config.background.enabled),
+        "vs_whole": tiled_difference(tiled, np.asarray(whole, np.float64), tiles, blend),
+        "seconds": round(time.perf_counter() - start, 1),
+        "settings": settings,
+    }
 
 
 def _brief(row: dict) -> str:
@@ -320,6 +460,14 @@ def table(results: dict, device: str) -> str:
                 )
             if r.get("settings"):
                 notes.append(", ".join(f"{k}={v}" for k, v in r["settings"].items()))
+            if "vs_whole" in r:
+                d = r["vs_whole"]
+                notes.append(
+                    f"{d['tiles']} tiles; vs whole image: RMS {d['rms_diff_pct']} %, max {d['max_diff_pct']} % "
+                    f"(blend zones {d['seam_rms_diff_pct']} %, elsewhere {d['core_rms_diff_pct']} %)"
+                )
+            if r.get("photometry_vs") == "signal":
+                notes.append("flux/spot vs the truth less its background")
             if "seconds" in r:
                 notes.append(f"{r['seconds']} s")
             lines.append(

@@ -45,6 +45,10 @@ class Case:
         One line for the table.
     voxel_size : tuple of float
         Sampling (Z, Y, X) or (Y, X) in µm, for the record.
+    background : float
+        The truth's flat level in data units (0: none): the light that a
+        background-removing method leaves out, so its photometry is scored against
+        ``truth - background``.
     """
 
     name: str
@@ -54,6 +58,7 @@ class Case:
     spots: list[tuple[int, ...]] = field(default_factory=list)
     description: str = ""
     voxel_size: tuple[float, ...] = ()
+    background: float = 0.0
 
 
 def _segment(shape, start, end, width, rng) -> np.ndarray:
@@ -65,6 +70,9 @@ def _segment(shape, start, end, width, rng) -> np.ndarray:
         if all(0 <= q < n for q, n in zip(p, shape)):
             out[tuple(p)] = 1.0
     return gaussian_filter(out, width)
+
+
+SCENE_BACKGROUND = 0.02  # the flat level of every fluorescence scene, at peak about 1
 
 
 def fluorescence_scene(shape: tuple[int, ...], seed: int, anisotropy: float = 1.0):
@@ -82,7 +90,7 @@ def fluorescence_scene(shape: tuple[int, ...], seed: int, anisotropy: float = 1.
     Returns
     -------
     scene, spots
-        The object (background 0.02) and the bead centres.
+        The object (background :data:`SCENE_BACKGROUND`) and the bead centres.
     """
     rng = np.random.default_rng(seed)
     ndim = len(shape)
@@ -112,7 +120,7 @@ def fluorescence_scene(shape: tuple[int, ...], seed: int, anisotropy: float = 1.
         point[centre] = 1.0
         bead = gaussian_filter(point, 0.6)
         scene += rng.uniform(0.5, 1.0) * bead / bead.max()
-    return scene + 0.02, spots
+    return scene + SCENE_BACKGROUND, spots
 
 
 def plankton_scene(shape: tuple[int, int], seed: int) -> np.ndarray:
@@ -206,7 +214,8 @@ def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Ca
         ]
     photons, read_noise = LEVELS[level]
     observation, truth = degrade(obj, psf, photons, read_noise, seed + 1)
-    return Case(name, observation, psf, truth, spots, DESCRIPTIONS[name], voxel)
+    background = 0.0 if kind == "plankton" else SCENE_BACKGROUND * photons
+    return Case(name, observation, psf, truth, spots, DESCRIPTIONS[name], voxel, background)
 
 
 def bead_field(
@@ -305,6 +314,7 @@ def bars_case(psf_energy: float | None = 0.99) -> Case:
         [],
         f"flowdec bars-25pct 32×64×64, PSF cropped to {psf.shape} ({psf_energy or 1} of its energy)",
         (),
+        offset * factor,
     )
 
 
@@ -346,22 +356,24 @@ def load_case(name: str, full: bool = False, cache: Path | None = None) -> Case:
         if path.exists():
             with np.load(path, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
-                spots = [tuple(s) for s in meta["spots"]]
-                return Case(
-                    name,
-                    f["observation"],
-                    f["psf"],
-                    f["truth"],
-                    spots,
-                    meta["description"],
-                    tuple(meta["voxel_size"]),
-                )
+                if "background" in meta:  # a file written before that field is rebuilt
+                    return Case(
+                        name,
+                        f["observation"],
+                        f["psf"],
+                        f["truth"],
+                        [tuple(s) for s in meta["spots"]],
+                        meta["description"],
+                        tuple(meta["voxel_size"]),
+                        meta["background"],
+                    )
         case = load_case(name, full)
         cache.mkdir(parents=True, exist_ok=True)
         meta = {
             "spots": [list(map(int, s)) for s in case.spots],
             "description": case.description,
             "voxel_size": list(case.voxel_size),
+            "background": case.background,
         }
         np.savez_compressed(
             path, observation=case.observation, psf=case.psf, truth=case.truth, meta=json.dumps(meta)

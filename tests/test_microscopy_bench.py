@@ -27,6 +27,61 @@ def test_truth_scores_perfectly_and_blur_does_not(case):
     assert blurred["psnr"] < 25 and blurred["spot_err"] > 10
 
 
+def test_background_removed_rows_are_scored_against_the_signal(case):
+    """A result that leaves the known flat background out has exact photometry against
+    the signal, and is not charged for the background's light (it was, before)."""
+    assert case.background == pytest.approx(0.02 * 60)  # fluo2d_low: 60 photons at value 1
+    signal = case.truth - case.background
+    removed = microscopy.score(signal, case, background_removed=True)
+    assert removed["flux_err"] == 0 and removed["spot_err"] == 0
+    assert removed["photometry_vs"] == "signal"
+    as_before = microscopy.score(signal, case)
+    assert as_before["flux_err"] < -5 and as_before["photometry_vs"] == "truth"
+    assert removed["psnr"] == as_before["psnr"]  # the fit's offset absorbs the level
+
+
+def test_case_cache_keeps_the_background_and_rebuilds_an_older_file(case, tmp_path):
+    import json
+
+    cached = load_case("fluo2d_low", cache=tmp_path)
+    assert load_case("fluo2d_low", cache=tmp_path).background == cached.background == case.background
+    path = tmp_path / "fluo2d_low.npz"
+    with np.load(path) as f:  # as written before the field existed
+        arrays = {k: f[k] for k in ("observation", "psf", "truth")}
+        meta = {k: v for k, v in json.loads(str(f["meta"])).items() if k != "background"}
+    np.savez_compressed(path, **arrays, meta=json.dumps(meta))
+    assert load_case("fluo2d_low", cache=tmp_path).background == case.background
+
+
+def test_tiled_row_with_one_tile_is_the_whole_image_restore(case, monkeypatch):
+    """The tiled row hands every tile the whole image's background, scale, noise, mean
+    signal and feature range: with one tile it must give the whole-image result."""
+    settings = {
+        **microscopy.MODALITY_SETTINGS["case"](case.name),
+        "background": {"enabled": True, "method": "flat"},
+    }
+    _, whole = microscopy.cider_scores(case, "cider", 5, "cpu", settings)
+    monkeypatch.setattr(microscopy, "TILED_PARTS", 1)
+    config = microscopy.cider_config("cider", 5, "cpu", settings)
+    tiled, tiles, blend = microscopy.tiled_restore(case, config)
+    assert len(tiles) == 1
+    np.testing.assert_allclose(tiled, whole, rtol=1e-4, atol=1e-4 * float(np.ptp(whole)))
+    assert microscopy.tiled_difference(tiled, whole, tiles, blend)["seam_voxels_pct"] == 0
+
+
+def test_tiled_difference_finds_a_seam():
+    from cider.tiling import tile_grid
+
+    shape = (40, 40)
+    tiles = tile_grid(shape, (20, 20), (6, 6), uniform=True)
+    whole = np.random.default_rng(0).random(shape)
+    assert microscopy.tiled_difference(whole, whole, tiles, (3, 3))["rms_diff_pct"] == 0
+    seam = whole.copy()
+    seam[:, 17:23] += 0.1  # a step where the two columns of tiles blend
+    d = microscopy.tiled_difference(seam, whole, tiles, (3, 3))
+    assert d["core_rms_diff_pct"] == 0 and d["seam_rms_diff_pct"] > 5 and d["tiles"] == 4
+
+
 def test_case_is_deterministic_and_flux_consistent(case):
     again = load_case("fluo2d_low")
     np.testing.assert_array_equal(case.observation, again.observation)
