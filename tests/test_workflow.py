@@ -21,7 +21,7 @@ from cider import gaussian_psf
 from cider.errors import CiderError
 from cider.rl import BlurOperator
 from cider.workflow import ALLOW_CPU_ENV, FAIL_ENV, make_batches, make_plan, require_gpu, validate_config
-from cider.workflow.steps import fitted_weights_digest
+from cider.workflow.stitch import fitted_weights_digest
 
 from .conftest import ROOT, blobs
 
@@ -612,7 +612,8 @@ def test_a_flat_background_is_one_level_per_image_that_every_tile_subtracts(tmp_
     from cider.background import flat_background
     from cider.workflow import make_psf, paths, run_background, run_prepare
     from cider.workflow.report import background_notes, intensity_records
-    from cider.workflow.steps import _prepared_tile, background_levels
+    from cider.workflow.steps import _prepared_tile
+    from cider.workflow.stitch import background_levels
 
     rng = np.random.default_rng(5)
     beads = np.zeros((12, 48, 40))

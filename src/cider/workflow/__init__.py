@@ -4,7 +4,8 @@
 - :mod:`.layout`: where a run's files live;
 - :mod:`.optics`: the PSF the config describes;
 - :mod:`.plan`: the plan (units, tiles, fit batches, job groups);
-- :mod:`.steps`: one ``run_*`` function per rule;
+- :mod:`.steps`: one ``run_*`` function per rule (prepare, background, fit);
+- :mod:`.stitch`: the stitch rule (blending, the output's provenance);
 - :mod:`.report`: the QC report;
 - :mod:`.glue`: config and wildcards for a rule script (Snakemake or shell).
 
@@ -30,15 +31,13 @@ from .plan import (
 from .report import boundary_seams, run_report, tile_flags
 from .steps import (
     FAIL_ENV,
-    TileReader,
     run_background,
     run_fit,
     run_prepare,
-    run_stitch,
-    stitch_name,
     tile_metrics,
     unit_background,
 )
+from .stitch import TileReader, run_stitch, stitch_name
 
 __all__ = [
     "SCHEMA",
