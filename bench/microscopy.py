@@ -116,6 +116,8 @@ def score(restored: np.ndarray, case: Case, background_removed: bool = False) ->
     dict
         ``psnr``, ``ssim`` (after the fit), ``flux_err`` (% total flux error, no fit),
         ``spot_err`` (% median |error| of bead integrated intensity in 5-px boxes, no fit),
+        ``spot_bias`` (the signed median: below 0, the beads' light is spread out of
+        their boxes or lost),
         ``flat_std`` (% of the truth's range: std of the fitted result where the truth is
         flat), ``gain`` (the fit's slope: 1 = intensities already right), and
         ``photometry_vs``: ``"truth"`` or ``"signal"`` (what the flux and spot errors
@@ -141,6 +143,7 @@ def score(restored: np.ndarray, case: Case, background_removed: bool = False) ->
     if case.spots:
         t, r = box_sums(reference, case.spots, 2), box_sums(x, case.spots, 2)
         out["spot_err"] = round(100 * float(np.median(np.abs(r / t - 1))), 2)
+        out["spot_bias"] = round(100 * float(np.median(r / t - 1)), 2)
     return out
 
 

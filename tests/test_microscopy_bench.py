@@ -33,10 +33,11 @@ def test_background_removed_rows_are_scored_against_the_signal(case):
     assert case.background == pytest.approx(0.02 * 60)  # fluo2d_low: 60 photons at value 1
     signal = case.truth - case.background
     removed = microscopy.score(signal, case, background_removed=True)
-    assert removed["flux_err"] == 0 and removed["spot_err"] == 0
+    assert removed["flux_err"] == 0 and removed["spot_err"] == removed["spot_bias"] == 0
     assert removed["photometry_vs"] == "signal"
     as_before = microscopy.score(signal, case)
     assert as_before["flux_err"] < -5 and as_before["photometry_vs"] == "truth"
+    assert as_before["spot_bias"] == -as_before["spot_err"] < 0  # the beads' pedestal is missing
     assert removed["psnr"] == as_before["psnr"]  # the fit's offset absorbs the level
 
 
