@@ -57,7 +57,7 @@ from cider.restore import (  # noqa: E402
     to_data_units,
 )
 from cider.rl import BlurOperator  # noqa: E402
-from cider.tiling import Tile, minimum_margin, stitch, tile_grid, tile_weights  # noqa: E402
+from cider.tiling import Tile, auto_blend, minimum_margin, stitch, tile_grid, tile_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -333,7 +333,7 @@ def tiled_restore(case: Case, config: RestoreConfig) -> tuple[np.ndarray, list[T
         )
         fit = fit_generator(deconvolved_features(prepared, config, value_range), prepared, config)
         restored[tile.id] = to_data_units(fit.estimate, prepared)
-    blend = tuple(max(1, m // 2) for m in margin)
+    blend = auto_blend(margin)
     return stitch(tiles, lambda t: restored[t.id], shape, blend, np.float64), tiles, blend
 
 
@@ -375,6 +375,7 @@ def run_case(
 ) -> dict:
     rows: dict[str, dict] = {}
     results: dict[str, np.ndarray] = {}  # generator rows' results, for the tiled row's comparison
+    settings = {**MODALITY_SETTINGS[modality](case.name), **overrides}  # the generator rows'
     for method in methods:
         start = time.perf_counter()
         if method == "blurred":
@@ -394,10 +395,8 @@ def run_case(
         elif method == "wiener":
             rows[method] = wiener_scores(case)
         elif method == "tiled":
-            settings = {**MODALITY_SETTINGS[modality](case.name), **overrides}
             rows[method] = tiled_scores(case, iterations, device, settings, results.get("cider"))
         else:
-            settings = {**MODALITY_SETTINGS[modality](case.name), **overrides}
             rows[method], results[method] = cider_scores(case, method, iterations, device, settings)
         print(
             f"{case.name:18s} {method:12s} {_brief(rows[method])} ({time.perf_counter() - start:.0f} s)",

@@ -92,6 +92,12 @@ def minimum_margin(psf_shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(k) - 1 for k in psf_shape)
 
 
+def auto_blend(margin: Sequence[int]) -> tuple[int, ...]:
+    """Blend half width per axis for ``margin`` (``tiling.blend: auto``): half the margin,
+    at least 1 px."""
+    return tuple(max(1, int(m) // 2) for m in margin)
+
+
 def _axis_bounds(n: int, tile: int) -> list[int]:
     count = max(1, math.ceil(n / tile))
     return [round(i * n / count) for i in range(count + 1)]

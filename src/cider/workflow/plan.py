@@ -18,7 +18,7 @@ from ..errors import CiderError
 from ..generator import Strides
 from ..memory import fit_memory_bytes, largest_batch, largest_tile
 from ..restore_config import RestoreConfig
-from ..tiling import Tile, minimum_margin, tile_grid, unit_name
+from ..tiling import Tile, auto_blend, minimum_margin, tile_grid, unit_name
 from .config import output_settings
 from .layout import paths
 from .optics import make_psf
@@ -415,9 +415,7 @@ def _cached_plan(config_json: str) -> Plan:
             f"{psf_shape} minus 1); tiles would show seams. Use 'auto' or at least {need}"
         )
     blend = (
-        tuple(max(1, m // 2) for m in margin)
-        if tiling["blend"] == "auto"
-        else per_axis(tiling["blend"], ndim, "tiling.blend")
+        auto_blend(margin) if tiling["blend"] == "auto" else per_axis(tiling["blend"], ndim, "tiling.blend")
     )
     if any(4 * b > t for b, t in zip(blend, tile_size)) and tiling["blend"] == "auto":
         least = tuple(max(t, 4 * b) for b, t in zip(blend, tile_size))
