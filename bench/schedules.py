@@ -39,8 +39,7 @@ from overrides import parse_overrides  # noqa: E402
 from warm_start import fit  # noqa: E402
 
 from cider import FLUORESCENCE  # noqa: E402
-from cider.workflow.config import load_config  # noqa: E402
-from cider.workflow.steps import _restore_config  # noqa: E402
+from cider.workflow.config import load_config, restore_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -58,7 +57,7 @@ def settings(case: str):
     ``cider.FLUORESCENCE`` on top, its settings are the pipeline's defaults for
     fluorescence data.
     """
-    config = _restore_config(load_config(PLANKTON_CONFIG), device="cpu")
+    config = restore_config(load_config(PLANKTON_CONFIG), device="cpu")
     return config if case == "plankton2d" else config.with_(**FLUORESCENCE)
 
 

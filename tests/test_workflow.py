@@ -133,10 +133,10 @@ def test_schema_rejects_wrong_type_naming_the_key():
 
 
 def test_generator_input_reaches_the_fit_and_is_checked():
-    from cider.workflow.steps import _restore_config
+    from cider.workflow.config import restore_config
 
     config = validate_config(_minimal() | {"restore": {"generator_input": "image_rl"}})
-    assert _restore_config(config).generator_input == "image_rl"
+    assert restore_config(config).generator_input == "image_rl"
     with pytest.raises(CiderError, match=r"key 'restore.generator_input': 'images' is not one of"):
         validate_config(_minimal() | {"restore": {"generator_input": "images"}})
 
@@ -409,7 +409,7 @@ def test_the_modality_sets_the_fluorescence_settings_unless_keyed(psf, restore, 
     data_weight, hessian_domain, keep_best_by and feature_weights; the resolved modality is
     what the config (and so the output's provenance) holds; validating twice changes
     nothing; the fit gets the settings."""
-    from cider.workflow.steps import _restore_config
+    from cider.workflow.config import restore_config
 
     config = {
         "name": "m",
@@ -425,7 +425,7 @@ def test_the_modality_sets_the_fluorescence_settings_unless_keyed(psf, restore, 
     resolved = (r["modality"], r["data_weight"], r["hessian_domain"], r["keep_best_by"], r["feature_weights"])
     assert resolved == expected
     assert validate_config(checked) == checked
-    fitted = _restore_config(checked)
+    fitted = restore_config(checked)
     assert (
         fitted.data_weight,
         fitted.hessian_domain,
@@ -880,7 +880,8 @@ def test_a_fit_refuses_a_feature_range_computed_from_other_weights(tmp_path):
     input stops with a message naming the record, instead of mapping its features with a
     range that is not theirs. A record that predates the field is used as it is."""
     from cider.workflow import paths, run_background, run_prepare
-    from cider.workflow.steps import _feature_source, _feature_value_range, _restore_config
+    from cider.workflow.config import restore_config
+    from cider.workflow.steps import _feature_source, _feature_value_range
 
     config = validate_config(yaml.safe_load(_dataset(tmp_path, (40, 48), 1.5, 32).read_text()))
     run_prepare(config)
@@ -890,7 +891,7 @@ def test_a_fit_refuses_a_feature_range_computed_from_other_weights(tmp_path):
         (Path(cider.__file__).parent / "weights" / "features.pt").read_bytes()
     ).hexdigest()
     assert record["feature_source"] == {"generator_input": "features", "feature_weights_sha256": shipped}
-    own = _feature_value_range(config, "u000", record, _feature_source(_restore_config(config)))
+    own = _feature_value_range(config, "u000", record, _feature_source(restore_config(config)))
     assert own == (record["feature_low"], record["feature_high"]) and len(own[0]) == 16
     for key, value in (("feature_weights", "features_rl10.pt"), ("generator_input", "image_rl")):
         other = {**config, "restore": {**config["restore"], key: value}}
@@ -898,12 +899,12 @@ def test_a_fit_refuses_a_feature_range_computed_from_other_weights(tmp_path):
             CiderError,
             match=r"unit u000: its feature range in .*background.g0\.json was computed from generator_input features \(weights sha256 [0-9a-f]{12}….*delete",
         ):
-            _feature_value_range(other, "u000", record, _feature_source(_restore_config(other)))
+            _feature_value_range(other, "u000", record, _feature_source(restore_config(other)))
     older = {k: v for k, v in record.items() if k != "feature_source"}
-    assert _feature_value_range(config, "u000", older, _feature_source(_restore_config(config))) == own
+    assert _feature_value_range(config, "u000", older, _feature_source(restore_config(config))) == own
     no_range = {k: v for k, v in record.items() if not k.startswith("feature_")}  # as for method rl
     with pytest.raises(CiderError, match=r"unit u000: .*background.g0\.json has no feature range.*delete"):
-        _feature_value_range(config, "u000", no_range, _feature_source(_restore_config(config)))
+        _feature_value_range(config, "u000", no_range, _feature_source(restore_config(config)))
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Glue between the Snakemake workflow and the library, one module per job.
 
-- :mod:`.config`: the dataset config (schema, defaults, validation);
-- :mod:`.layout`: where a run's files live;
+- :mod:`.config`: the dataset config (schema, defaults, validation, the restore settings);
+- :mod:`.layout`: where a run's files live, and the background job's records;
 - :mod:`.optics`: the PSF the config describes;
 - :mod:`.plan`: the plan (units, tiles, fit batches, job groups);
 - :mod:`.steps`: one ``run_*`` function per rule (prepare, background, fit);
@@ -13,9 +13,9 @@ Every rule script calls one ``run_*`` function with the validated config and its
 wildcard, so a rule can also be run alone from the shell (see ``scripts/*.py``).
 """
 
-from .config import SCHEMA, background_map, load_config, output_settings, validate_config
+from .config import SCHEMA, background_map, load_config, output_settings, restore_config, validate_config
 from .glue import ALLOW_CPU_ENV, require_gpu, script_args
-from .layout import Paths, drop_stale_manifests, paths
+from .layout import Paths, drop_stale_manifests, intensity_records, paths
 from .optics import make_psf
 from .plan import (
     Batch,
@@ -44,6 +44,7 @@ __all__ = [
     "background_map",
     "load_config",
     "output_settings",
+    "restore_config",
     "validate_config",
     "ALLOW_CPU_ENV",
     "require_gpu",
@@ -54,6 +55,7 @@ __all__ = [
     "Plan",
     "Unit",
     "drop_stale_manifests",
+    "intensity_records",
     "input_files",
     "make_batches",
     "make_groups",

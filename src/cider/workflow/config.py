@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import CiderError
-from ..restore_config import FLUORESCENCE
+from ..restore_config import FLUORESCENCE, RestoreConfig
 
 # Inside the package, so validation works from an installed wheel, not only a checkout.
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -30,6 +30,15 @@ def output_settings(config: dict, key: str):
     if not neutral or not isinstance(value, dict):
         return value
     return {k: v for k, v in value.items() if k not in neutral}
+
+
+def restore_config(config: dict, device: str | None = None) -> RestoreConfig:
+    """The restoration settings of a validated config (``restore`` section, its modality
+    already applied), with ``device`` in place of ``restore.device`` when given."""
+    settings = dict(config["restore"])
+    settings.pop("modality", None)  # already applied to the settings by validate_config
+    settings["device"] = device or settings["device"]
+    return RestoreConfig(normalize=True, **settings)
 
 
 def background_map(config: dict) -> bool:

@@ -1,4 +1,5 @@
-"""Where a run's files live (work and output folders), and the stitch records' upkeep."""
+"""Where a run's files live (work and output folders), reading the background job's
+records, and the stitch records' upkeep."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -59,6 +61,13 @@ class Paths:
 def paths(config: dict) -> Paths:
     output = Path(config["output_dir"])
     return Paths(output, Path(config.get("work_dir") or output / "work"))
+
+
+@lru_cache(maxsize=4)
+def intensity_records(path: str) -> dict:
+    """The background job's records of a group's units (:meth:`Paths.intensity`), by unit
+    id; read once per job."""
+    return json.loads(Path(path).read_text())["units"]
 
 
 def drop_stale_manifests(run: Paths, part_ids: Sequence[str]) -> list[str]:

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +20,12 @@ from ..background import BackgroundConfig
 from ..errors import CiderError
 from ..noise import NoiseModel
 from ..tiling import Tile, block_grid
-from .config import background_map
-from .layout import paths
+from .config import background_map, restore_config
+from .layout import intensity_records, paths
 from .optics import make_psf
 from .plan import Unit, make_plan, per_axis, psf_channel
 
 FAIL_ENV = "CIDER_FAIL_TILES"  # comma-separated tile ids whose batch fails (fault injection for tests)
-
-
-def _restore_config(config: dict, device: str | None = None):
-    from ..restore import RestoreConfig
-
-    r = dict(config["restore"])
-    r.pop("modality", None)  # already applied to the settings by validate_config
-    r["device"] = device or r["device"]
-    return RestoreConfig(normalize=True, **r)
 
 
 def _source(unit: Unit, config: dict):
@@ -273,7 +263,7 @@ def unit_background(config: dict, unit_id: str, root=None) -> dict:
         intensity["background_level"] = {"value": level, "fraction": fraction}
     full = full_scale(data.dtype, float(raw_high), at_raw_high)
     intensity["saturated"] = {"value": full, "count": at_raw_high} if full is not None else None
-    rcfg = _restore_config(config, device="cpu")
+    rcfg = restore_config(config, device="cpu")
     value_range = _feature_range(data, background if level is None else level, scale, rcfg, offset)
     if value_range is not None:
         intensity["feature_low"], intensity["feature_high"] = value_range
@@ -368,7 +358,7 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     unit_id = tile.unit_id
     group = make_plan(config).group_of(unit_id)
     data = np.asarray(unit_array(config, unit_id)[window], dtype=np.float64)
-    intensity = _intensity_records(str(p.intensity(group)))[unit_id]
+    intensity = intensity_records(str(p.intensity(group)))[unit_id]
     background = (
         np.asarray(zarr.open_array(str(p.background(group) / unit_id), mode="r")[window])
         if background_map(config)
@@ -378,7 +368,7 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
     if saturation == "auto":
         saturation = (intensity.get("saturated") or {}).get("value")
     psf = make_psf(config, data.ndim, psf_channel(config, make_plan(config).unit(unit_id)))
-    rcfg = _restore_config(config)
+    rcfg = restore_config(config)
     noise = NoiseModel(**intensity["noise"])
     prepared = prepare(
         data,
@@ -394,12 +384,6 @@ def _prepared_tile(config: dict, tile: Tile, device=None):
         offset=float(config["input"]["offset"]),
     )
     return prepared, rcfg, intensity
-
-
-@lru_cache(maxsize=4)
-def _intensity_records(path: str) -> dict:
-    """The background job's records of a group's units, by unit id (read once per job)."""
-    return json.loads(Path(path).read_text())["units"]
 
 
 def _tile_input(config: dict, tile: Tile, source: dict):
@@ -510,7 +494,7 @@ def run_fit(config: dict, batch_id: str) -> dict:
         raise RuntimeError(f"tile {sorted(failing)[0]}: failure injected through ${FAIL_ENV} (testing hook)")
     # What the features come from, hashed once per job: checked against each unit's
     # feature range and recorded in the metrics.
-    rcfg = _restore_config(config)
+    rcfg = restore_config(config)
     source = _feature_source(rcfg)
     start = time.perf_counter()
     restored, records, device = {}, [], None

@@ -15,10 +15,9 @@ import numpy as np
 from .. import io
 from ..errors import CiderError
 from ..tiling import Tile, block_grid, stitch_block
-from .config import background_map
-from .layout import paths
+from .config import background_map, restore_config
+from .layout import intensity_records, paths
 from .plan import Unit, make_plan, per_axis
-from .steps import _intensity_records, _restore_config
 
 
 class TileReader:
@@ -116,7 +115,7 @@ def background_levels(config: dict, units: list[Unit]) -> dict[str, dict]:
     if not config["background"]["enabled"] or background_map(config):
         return {}
     plan, p = make_plan(config), paths(config)
-    records = {u.id: _intensity_records(str(p.intensity(plan.group_of(u.id))))[u.id] for u in units}
+    records = {u.id: intensity_records(str(p.intensity(plan.group_of(u.id))))[u.id] for u in units}
     return {
         unit: record["background_level"] for unit, record in records.items() if "background_level" in record
     }
@@ -153,7 +152,7 @@ def fitted_weights_digest(config: dict, name: str) -> str | None:
         )
     if used:
         return next(iter(used))
-    return feature_weights_digest(_restore_config(config))
+    return feature_weights_digest(restore_config(config))
 
 
 def provenance(config: dict, name: str, weights_sha256: str | None) -> dict:
