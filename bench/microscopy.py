@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from microscopy_data import CASES, Case, box_sums, load_case  # noqa: E402
+from microscopy_data import CASES, SPOT_RADIUS, Case, box_sums, load_case  # noqa: E402
 from overrides import parse_overrides  # noqa: E402
 
 from cider import FLUORESCENCE, RestoreConfig, losses  # noqa: E402
@@ -115,7 +115,8 @@ def score(restored: np.ndarray, case: Case, background_removed: bool = False) ->
     -------
     dict
         ``psnr``, ``ssim`` (after the fit), ``flux_err`` (% total flux error, no fit),
-        ``spot_err`` (% median |error| of bead integrated intensity in 5-px boxes, no fit),
+        ``spot_err`` (% median |error| of bead integrated intensity in 5-px boxes, no fit;
+        the noise's floor under it is :func:`spot_floor`),
         ``spot_bias`` (the signed median: below 0, the beads' light is spread out of
         their boxes or lost),
         ``flat_std`` (% of the truth's range: std of the fitted result where the truth is
@@ -141,10 +142,24 @@ def score(restored: np.ndarray, case: Case, background_removed: bool = False) ->
         "photometry_vs": "signal" if background_removed else "truth",
     }
     if case.spots:
-        t, r = box_sums(reference, case.spots, 2), box_sums(x, case.spots, 2)
+        t, r = box_sums(reference, case.spots, SPOT_RADIUS), box_sums(x, case.spots, SPOT_RADIUS)
         out["spot_err"] = round(100 * float(np.median(np.abs(r / t - 1))), 2)
         out["spot_bias"] = round(100 * float(np.median(r / t - 1)), 2)
     return out
+
+
+def spot_floor(case: Case) -> dict:
+    """What the draw's noise alone costs the spot errors: ``spot_floor`` and
+    ``spot_floor_bias``, the median |error| and signed median (%) of the oracle that knows
+    everything but each spot's brightness (:func:`microscopy_data.oracle_spot_errors`).
+    Empty where the case has no oracle (no spots, or flowdec bars)."""
+    if not case.spot_oracle:
+        return {}
+    errors = 100 * np.asarray(case.spot_oracle)
+    return {
+        "spot_floor": round(float(np.median(np.abs(errors))), 2),
+        "spot_floor_bias": round(float(np.median(errors)), 2),
+    }
 
 
 def _flat_mask(truth: np.ndarray) -> np.ndarray:
@@ -262,8 +277,7 @@ def cider_scores(
                 restored = to_data_units(estimate, prepared)
                 s = score(restored, case, config.background.enabled)
                 curve[iteration + 1] = {
-                    "psnr": s["psnr"],
-                    "ssim": s["ssim"],
+                    **{k: s[k] for k in ("psnr", "ssim", "flux_err", "spot_err", "spot_bias") if k in s},
                     "chi2": _chi2(estimate, prepared),
                 }
                 if PROGRESS is not None:  # a run cut short still leaves its curve
@@ -379,7 +393,7 @@ def run_case(
     for method in methods:
         start = time.perf_counter()
         if method == "blurred":
-            rows[method] = score(case.observation, case)
+            rows[method] = {**score(case.observation, case), **spot_floor(case)}
         elif method == "rl":
             rows[method] = rl_scores(case, device)
         elif method == "rl_tv":
@@ -467,6 +481,11 @@ def table(results: dict, device: str) -> str:
                 notes.append(
                     f"{d['tiles']} tiles; vs whole image: RMS {d['rms_diff_pct']} %, max {d['max_diff_pct']} % "
                     f"(blend zones {d['seam_rms_diff_pct']} %, elsewhere {d['core_rms_diff_pct']} %)"
+                )
+            if "spot_floor" in r:
+                notes.append(
+                    f"spot error of an oracle knowing all but the spots' brightness (the noise's floor): "
+                    f"{r['spot_floor']} %, signed {r['spot_floor_bias']} %"
                 )
             if r.get("photometry_vs") == "signal":
                 notes.append("flux/spot vs the truth less its background")

@@ -49,6 +49,10 @@ class Case:
         The truth's flat level in data units (0: none): the light that a
         background-removing method leaves out, so its photometry is scored against
         ``truth - background``.
+    spot_oracle : tuple of float
+        Per spot, the relative error of the oracle's integrated intensity on this draw
+        (:func:`oracle_spot_errors`): what the noise alone costs a method that knows
+        everything but the spot's brightness. Empty where not known (flowdec bars).
     """
 
     name: str
@@ -59,6 +63,7 @@ class Case:
     description: str = ""
     voxel_size: tuple[float, ...] = ()
     background: float = 0.0
+    spot_oracle: tuple[float, ...] = ()
 
 
 def _segment(shape, start, end, width, rng) -> np.ndarray:
@@ -73,6 +78,7 @@ def _segment(shape, start, end, width, rng) -> np.ndarray:
 
 
 SCENE_BACKGROUND = 0.02  # the flat level of every fluorescence scene, at peak about 1
+SPOT_RADIUS = 2  # integrated spot intensity: the sum of a (2 r + 1)-px box around the centre
 
 
 def fluorescence_scene(shape: tuple[int, ...], seed: int, anisotropy: float = 1.0):
@@ -175,6 +181,64 @@ def degrade(obj: np.ndarray, psf: np.ndarray, photons: float, read_noise: float,
     return observation, obj[crop] * photons
 
 
+def oracle_spot_errors(
+    signal: np.ndarray,
+    psf: np.ndarray,
+    expected: np.ndarray,
+    observation: np.ndarray,
+    spots_obj: list[tuple[int, ...]],
+    read_noise: float,
+) -> tuple[float, ...]:
+    """The oracle's relative error of each spot's integrated intensity on this draw.
+
+    The oracle knows the PSF, the spot's position and shape and everything else in the
+    scene; only the spot's brightness ``a`` (1 = true) is unknown. Its weighted
+    least-squares estimate from the data is ``a = 1 + <t, n / v> / <t, t / v>``, with
+    ``t`` the blurred box signal (:data:`SPOT_RADIUS`), ``n`` the draw's noise
+    (observation − expected) and ``v`` the noise variance. Its error is the floor that the
+    noise sets for any method's spot error on this draw (on average; a method with
+    priors can be luckier on a few spots).
+
+    Parameters
+    ----------
+    signal : np.ndarray
+        The object less its flat background, in data units (the larger, unblurred grid).
+    psf : np.ndarray
+        The PSF of the ``valid`` blur.
+    expected : np.ndarray
+        The noise-free observation (``valid`` blur of the whole object).
+    observation : np.ndarray
+        The draw.
+    spots_obj : list of tuple
+        Spot centres on the object's grid.
+    read_noise : float
+        Gaussian read-noise std (data units).
+
+    Returns
+    -------
+    tuple of float
+        ``a - 1`` per spot.
+    """
+    r, half = SPOT_RADIUS, [k - 1 for k in psf.shape]
+    variance = np.clip(expected, 0, None) + read_noise**2 + 1e-12
+    errors = []
+    for centre in spots_obj:
+        # object window that reaches every field pixel the box's light reaches
+        lo = [max(c - r - h, 0) for c, h in zip(centre, half)]
+        hi = [min(c + r + h + 1, n) for c, h, n in zip(centre, half, signal.shape)]
+        window = np.zeros([b - a for a, b in zip(lo, hi)])
+        box = tuple(slice(c - r - a, c + r + 1 - a) for c, a in zip(centre, lo))
+        window[box] = signal[tuple(slice(c - r, c + r + 1) for c in centre)]
+        out_shape = tuple(n - k + 1 for n, k in zip(window.shape, psf.shape))
+        template = BlurOperator(torch.tensor(psf), out_shape, "valid")(torch.tensor(window)).numpy()
+        # field pixel f sees object pixels f .. f + k - 1: the template starts at field ``lo``
+        field = tuple(slice(a, a + n) for a, n in zip(lo, out_shape))
+        noise = observation[field] - expected[field]
+        weights = template / variance[field]
+        errors.append(float((weights * noise).sum() / (weights * template).sum()))
+    return tuple(errors)
+
+
 def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Case:
     """One of the synthetic cases by name (see :data:`SYNTHETIC`); ``seed`` draws another
     scene and noise of the same kind (default: the case's own, from its name)."""
@@ -215,7 +279,21 @@ def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Ca
     photons, read_noise = LEVELS[level]
     observation, truth = degrade(obj, psf, photons, read_noise, seed + 1)
     background = 0.0 if kind == "plankton" else SCENE_BACKGROUND * photons
-    return Case(name, observation, psf, truth, spots, DESCRIPTIONS[name], voxel, background)
+    oracle: tuple[float, ...] = ()
+    if spots:
+        offset = [k // 2 for k in psf.shape]
+        expected = (
+            BlurOperator(torch.tensor(psf), observation.shape, "valid")(torch.tensor(obj)).numpy() * photons
+        )
+        oracle = oracle_spot_errors(
+            obj * photons - background,
+            psf,
+            expected,
+            observation,
+            [tuple(c + o for c, o in zip(s, offset)) for s in spots],
+            read_noise,
+        )
+    return Case(name, observation, psf, truth, spots, DESCRIPTIONS[name], voxel, background, oracle)
 
 
 def bead_field(
@@ -356,7 +434,7 @@ def load_case(name: str, full: bool = False, cache: Path | None = None) -> Case:
         if path.exists():
             with np.load(path, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
-                if "background" in meta:  # a file written before that field is rebuilt
+                if {"background", "spot_oracle"} <= meta.keys():  # an older file is rebuilt
                     return Case(
                         name,
                         f["observation"],
@@ -366,6 +444,7 @@ def load_case(name: str, full: bool = False, cache: Path | None = None) -> Case:
                         meta["description"],
                         tuple(meta["voxel_size"]),
                         meta["background"],
+                        tuple(meta["spot_oracle"]),
                     )
         case = load_case(name, full)
         cache.mkdir(parents=True, exist_ok=True)
@@ -374,6 +453,7 @@ def load_case(name: str, full: bool = False, cache: Path | None = None) -> Case:
             "description": case.description,
             "voxel_size": list(case.voxel_size),
             "background": case.background,
+            "spot_oracle": list(case.spot_oracle),
         }
         np.savez_compressed(
             path, observation=case.observation, psf=case.psf, truth=case.truth, meta=json.dumps(meta)

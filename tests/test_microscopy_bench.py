@@ -41,17 +41,53 @@ def test_background_removed_rows_are_scored_against_the_signal(case):
     assert removed["psnr"] == as_before["psnr"]  # the fit's offset absorbs the level
 
 
-def test_case_cache_keeps_the_background_and_rebuilds_an_older_file(case, tmp_path):
+@pytest.mark.parametrize("field", ["background", "spot_oracle"])
+def test_case_cache_keeps_every_field_and_rebuilds_an_older_file(case, tmp_path, field):
     import json
 
     cached = load_case("fluo2d_low", cache=tmp_path)
-    assert load_case("fluo2d_low", cache=tmp_path).background == cached.background == case.background
+    again = load_case("fluo2d_low", cache=tmp_path)
+    assert again.background == cached.background == case.background
+    assert again.spot_oracle == cached.spot_oracle == case.spot_oracle and len(case.spot_oracle) == len(
+        case.spots
+    )
     path = tmp_path / "fluo2d_low.npz"
     with np.load(path) as f:  # as written before the field existed
         arrays = {k: f[k] for k in ("observation", "psf", "truth")}
-        meta = {k: v for k, v in json.loads(str(f["meta"])).items() if k != "background"}
+        meta = {k: v for k, v in json.loads(str(f["meta"])).items() if k != field}
     np.savez_compressed(path, **arrays, meta=json.dumps(meta))
-    assert load_case("fluo2d_low", cache=tmp_path).background == case.background
+    rebuilt = load_case("fluo2d_low", cache=tmp_path)
+    assert rebuilt.background == case.background and rebuilt.spot_oracle == case.spot_oracle
+
+
+def test_spot_oracle_measures_the_spots_own_excess_light():
+    """Data with one spot 10 % brighter than the truth (and no noise) gives that spot an
+    oracle error of +0.1 and its neighbour 0, whatever the PSF's asymmetry: the template
+    sits where the blur puts the spot's light."""
+    from microscopy_data import oracle_spot_errors
+
+    from cider.rl import BlurOperator
+
+    rng = np.random.default_rng(0)
+    psf = rng.random((5, 7)) + 0.1
+    psf /= psf.sum()
+    signal = np.zeros((40, 40))
+    spots = [(15, 12), (22, 27)]
+    for spot in spots:
+        signal[spot[0] - 1 : spot[0] + 2, spot[1] - 1 : spot[1] + 2] = rng.uniform(5, 10, (3, 3))
+    brighter = signal.copy()
+    brighter[13:18, 10:15] *= 1.1  # the first spot's box (radius 2)
+    shape = tuple(n - k + 1 for n, k in zip(signal.shape, psf.shape))
+    blur = BlurOperator(torch.tensor(psf), shape, "valid")
+    expected, observation = (blur(torch.tensor(a + 1.0)).numpy() for a in (signal, brighter))
+    errors = oracle_spot_errors(signal, psf, expected, observation, spots, read_noise=1.0)
+    assert errors == pytest.approx((0.1, 0.0), abs=1e-9)
+
+
+def test_spot_floor_reports_the_oracle_on_the_blurred_row(case):
+    floor = microscopy.spot_floor(case)
+    assert set(floor) == {"spot_floor", "spot_floor_bias"} and 0 < floor["spot_floor"] < 50
+    assert microscopy.spot_floor(microscopy.Case("none", case.observation, case.psf, case.truth)) == {}
 
 
 def test_tiled_row_with_one_tile_is_the_whole_image_restore(case, monkeypatch):
