@@ -36,7 +36,9 @@ def _assert_same(batched, sequential):
     assert batched.stopped == sequential.stopped
     assert batched.iterations == sequential.iterations
     np.testing.assert_allclose(batched.losses, sequential.losses, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(batched.flux_factor, sequential.flux_factor, rtol=1e-8)
+    # the flux factor is a ratio of the estimate's sums: as close as the estimate is (an AMD
+    # EPYC's batched and lone 3D fits part by 2.7e-8 in it, 5e-8 in the last loss)
+    np.testing.assert_allclose(batched.flux_factor, sequential.flux_factor, rtol=1e-6)
     scale = float(sequential.estimate.abs().max())
     np.testing.assert_allclose(
         batched.estimate.cpu().numpy(), sequential.estimate.cpu().numpy(), atol=1e-6 * scale
