@@ -164,6 +164,13 @@ def noise_free(blurred: np.ndarray) -> np.ndarray:
     return np.where(mean > 1e-9 * float(np.abs(mean).max(initial=0.0)), mean, 0.0)
 
 
+def valid_blur(obj: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    """The ``valid`` blur of ``obj`` by ``psf`` (no boundary assumption): shape
+    ``obj.shape - psf.shape + 1``; field pixel ``f`` sees object pixels ``f .. f + k - 1``."""
+    shape = tuple(n - k + 1 for n, k in zip(obj.shape, psf.shape))
+    return BlurOperator(torch.tensor(psf), shape, "valid")(torch.tensor(obj)).numpy()
+
+
 def degrade(obj: np.ndarray, psf: np.ndarray, photons: float, read_noise: float, seed: int):
     """``valid`` blur of ``obj``, scaled to ``photons`` at value 1, Poisson + read noise.
 
@@ -172,8 +179,8 @@ def degrade(obj: np.ndarray, psf: np.ndarray, photons: float, read_noise: float,
     observation, truth
         Both in photon units; ``truth`` is ``obj`` cropped to the observation's field.
     """
-    shape = tuple(n - k + 1 for n, k in zip(obj.shape, psf.shape))
-    blurred = BlurOperator(torch.tensor(psf), shape, "valid")(torch.tensor(obj)).numpy()
+    blurred = valid_blur(obj, psf)
+    shape = blurred.shape
     rng = np.random.default_rng(seed)
     observation = rng.poisson(noise_free(blurred * photons)).astype(np.float64)
     observation += rng.normal(0, read_noise, shape)
@@ -229,10 +236,8 @@ def oracle_spot_errors(
         window = np.zeros([b - a for a, b in zip(lo, hi)])
         box = tuple(slice(c - r - a, c + r + 1 - a) for c, a in zip(centre, lo))
         window[box] = signal[tuple(slice(c - r, c + r + 1) for c in centre)]
-        out_shape = tuple(n - k + 1 for n, k in zip(window.shape, psf.shape))
-        template = BlurOperator(torch.tensor(psf), out_shape, "valid")(torch.tensor(window)).numpy()
-        # field pixel f sees object pixels f .. f + k - 1: the template starts at field ``lo``
-        field = tuple(slice(a, a + n) for a, n in zip(lo, out_shape))
+        template = valid_blur(window, psf)  # starts at field pixel ``lo`` (see valid_blur)
+        field = tuple(slice(a, a + n) for a, n in zip(lo, template.shape))
         noise = observation[field] - expected[field]
         weights = template / variance[field]
         errors.append(float((weights * noise).sum() / (weights * template).sum()))
@@ -265,33 +270,24 @@ def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Ca
         psf = gaussian_psf(1.5 if kind == "plankton" else 1.8)
         anisotropy = 1.0
     obj_shape = tuple(n + k - 1 for n, k in zip(field_shape, psf.shape))
-    spots: list[tuple[int, ...]] = []
+    offset = [k // 2 for k in psf.shape]
+    inside: list[tuple[int, ...]] = []  # spots on the object's grid, 3 px inside the field
     if kind == "plankton":
         obj = plankton_scene(obj_shape, seed)
     else:
         obj, spots_obj = fluorescence_scene(obj_shape, seed, anisotropy)
-        offset = [k // 2 for k in psf.shape]
-        spots = [
-            tuple(c - o for c, o in zip(s, offset))
-            for s in spots_obj
-            if all(o + 3 <= c < o + n - 3 for c, o, n in zip(s, offset, field_shape))
+        inside = [
+            s for s in spots_obj if all(o + 3 <= c < o + n - 3 for c, o, n in zip(s, offset, field_shape))
         ]
+    spots = [tuple(c - o for c, o in zip(s, offset)) for s in inside]
     photons, read_noise = LEVELS[level]
     observation, truth = degrade(obj, psf, photons, read_noise, seed + 1)
     background = 0.0 if kind == "plankton" else SCENE_BACKGROUND * photons
     oracle: tuple[float, ...] = ()
     if spots:
-        offset = [k // 2 for k in psf.shape]
-        expected = (
-            BlurOperator(torch.tensor(psf), observation.shape, "valid")(torch.tensor(obj)).numpy() * photons
-        )
+        expected = valid_blur(obj, psf) * photons
         oracle = oracle_spot_errors(
-            obj * photons - background,
-            psf,
-            expected,
-            observation,
-            [tuple(c + o for c, o in zip(s, offset)) for s in spots],
-            read_noise,
+            obj * photons - background, psf, expected, observation, inside, read_noise
         )
     return Case(name, observation, psf, truth, spots, DESCRIPTIONS[name], voxel, background, oracle)
 
@@ -328,7 +324,7 @@ def bead_field(
             continue
         obj[c] += photons * rng.uniform(0.6, 1.0)
         spots.append(tuple(x - r for x in c))
-    blurred = BlurOperator(torch.tensor(psf), shape, "valid")(torch.tensor(obj)).numpy()
+    blurred = valid_blur(obj, psf)
     observation = rng.poisson(noise_free(blurred)).astype(np.float64)
     return observation, psf, obj[r:-r, r:-r], spots
 
