@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cider.errors import CiderError
-from cider.fitting import _judged, fit_generator, fit_generators
+from cider.fitting import _judged, fit_generator, fit_generators, objective_terms
 from cider.psf import gaussian_psf
 from cider.restore import RestoreConfig, deconvolved_features, prepare
 
@@ -333,3 +333,35 @@ def test_inductor_compiled_fit_on_cuda_matches_the_uncompiled_one():
         fit_generators(features, prepared, config),
     ):
         _assert_same(fit, plain)
+
+
+def test_objective_terms_are_the_loss_the_fit_logs():
+    """`objective_terms` at each estimate the fit logs sums to the loss logged with it,
+    with every term on (data, stabilised Hessian, sparsity) and anisotropic voxels."""
+    config = RestoreConfig(
+        iterations=4,
+        log_every=1,
+        data_weight=50.0,
+        hessian_domain="stabilised",
+        sparsity_weight=0.2,
+        ssim_window="physical",
+        stop="none",
+        device="cpu",
+    )
+    rng = np.random.default_rng(3)
+    psf = gaussian_psf((1.5, 1.0, 1.0), size=(5, 5, 5))
+    image = rng.poisson(rng.random((8, 14, 14)) ** 3 * 50).astype(float)
+    prepared = prepare(image, psf, config, voxel_size=(0.6, 0.2, 0.2))
+    features = deconvolved_features(prepared, config)
+    logged = []
+    fit_generator(
+        features, prepared, config, lambda i, loss, estimate: logged.append((loss, estimate.clone()))
+    )
+    assert len(logged) == 4
+    for loss, estimate in logged:
+        terms = objective_terms(estimate, prepared, config)
+        assert set(terms) == {"ssim", "data", "hessian", "sparsity", "chi2"}
+        total = sum(float(v) for k, v in terms.items() if k != "chi2")
+        assert total == pytest.approx(loss, rel=1e-5)
+    with pytest.raises(CiderError, match="object grid is"):
+        objective_terms(estimate[1:], prepared, config)

@@ -45,6 +45,7 @@ __all__ = [
     "fit_generators",
     "fit_rl",
     "noise_aware_weights",
+    "objective_terms",
 ]
 
 # On a CPU a batch is faster only for small members (bench/results/throughput.md: 1.4× for
@@ -573,7 +574,6 @@ def _fit_together(
     average: torch.Tensor | None = None
     # keep_best: the estimate at the lowest logged loss, so a late loss spike is not returned
     keep_best = config.keep_best and not config.average
-    ssim_spacing = first.voxel_size if config.ssim_window == "physical" else None
     kept: torch.Tensor | None = None
     lowest: list[float] = []
     pending: list[torch.Tensor] = []
@@ -586,20 +586,7 @@ def _fit_together(
             current = estimate.detach()
             average = current.clone() if average is None else average.lerp_(current, 1 - config.average)
         blurred = blur(estimate)
-        loss = config.ssim_weight * ssim_loss(
-            blurred, members.targets_for(blurred), k2=members.k2, per_sample=True, spacing=ssim_spacing
-        )
-        if config.data_weight:
-            loss = loss + members.data * _chi2(blurred, members)
-        if config.hessian_weight or config.hessian_noise_weight:
-            curvature = (
-                variance_stabilised(estimate, members.gain, members.floor, members.level)
-                if config.hessian_domain == "stabilised"
-                else estimate
-            )
-            loss = loss + members.hessian * hessian_penalty(curvature, first.voxel_size, per_sample=True)
-        if config.sparsity_weight:
-            loss = loss + config.sparsity_weight * sparsity_penalty(estimate, per_sample=True)
+        loss = sum(_loss_terms(estimate, blurred, members, config, first.voxel_size).values())
         loss.sum().backward()
         generators.optimizer.step()
         pending.append(loss.detach())
@@ -659,6 +646,77 @@ def _fit_together(
             average = average[rows]
         if keep_best:
             kept, lowest = kept[rows], [lowest[r] for r in rows]
+
+
+def _loss_terms(
+    estimate: torch.Tensor,
+    blurred: torch.Tensor,
+    members: _Members,
+    config: RestoreConfig,
+    voxel_size: tuple[float, ...] | None,
+) -> dict[str, torch.Tensor]:
+    """The weighted terms of every member's loss, each of shape (B,); the loss is their sum.
+
+    Terms with a zero weight are left out (not computed).
+    """
+    ssim_spacing = voxel_size if config.ssim_window == "physical" else None
+    terms = {
+        "ssim": config.ssim_weight
+        * ssim_loss(
+            blurred, members.targets_for(blurred), k2=members.k2, per_sample=True, spacing=ssim_spacing
+        )
+    }
+    if config.data_weight:
+        terms["data"] = members.data * _chi2(blurred, members)
+    if config.hessian_weight or config.hessian_noise_weight:
+        curvature = (
+            variance_stabilised(estimate, members.gain, members.floor, members.level)
+            if config.hessian_domain == "stabilised"
+            else estimate
+        )
+        terms["hessian"] = members.hessian * hessian_penalty(curvature, voxel_size, per_sample=True)
+    if config.sparsity_weight:
+        terms["sparsity"] = config.sparsity_weight * sparsity_penalty(estimate, per_sample=True)
+    return terms
+
+
+def objective_terms(
+    estimate: torch.Tensor, prepared: Prepared, config: RestoreConfig
+) -> dict[str, torch.Tensor]:
+    """The terms of the generator fit's loss at any ``estimate`` (differentiable).
+
+    The loss a fit of ``prepared`` with ``config`` minimises is the sum of these terms;
+    evaluated at another estimate (the truth of a synthetic case, an RL result) they show
+    which term prefers which estimate. ``bench/objective.py`` minimises their sum over
+    the voxels directly, without a generator.
+
+    Parameters
+    ----------
+    estimate : torch.Tensor
+        Non-negative estimate on the fit's object grid (image + PSF − 1 per axis), in the
+        units of ``prepared.observation``.
+    prepared : Prepared
+        Observation, PSF, noise model and voxel size, as the fit gets them.
+    config : RestoreConfig
+        The loss weights.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Weighted terms (scalars): ``ssim``, and ``data``, ``hessian``, ``sparsity`` where
+        their weights are not zero; ``chi2`` (unweighted, per pixel, in units of the
+        noise variance) for reference, not part of the loss.
+    """
+    shape = tuple(n + k - 1 for n, k in zip(prepared.observation.shape, prepared.psf.shape))
+    if tuple(estimate.shape) != shape:
+        raise CiderError(
+            f"objective_terms: estimate of shape {tuple(estimate.shape)}; the object grid is {shape}"
+        )
+    members = _members([estimate[None]], [prepared], [0], config)
+    x = estimate.to(prepared.observation.dtype)[None, None]
+    blurred = BlurOperator(prepared.psf, prepared.observation.shape, boundary="valid")(x)
+    terms = {k: v[0] for k, v in _loss_terms(x, blurred, members, config, prepared.voxel_size).items()}
+    return {**terms, "chi2": _chi2(blurred, members)[0]}
 
 
 def _load_start(module: Generator, start: dict[str, torch.Tensor]) -> None:
