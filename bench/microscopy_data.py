@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -244,10 +245,19 @@ def oracle_spot_errors(
     return tuple(errors)
 
 
-def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Case:
-    """One of the synthetic cases by name (see :data:`SYNTHETIC`); ``seed`` draws another
-    scene and noise of the same kind (default: the case's own, from its name)."""
-    kind, psf_kind, level = SYNTHETIC[name]
+class SyntheticScene(NamedTuple):
+    """A synthetic case's noise-free object on the fit's object grid (field + PSF − 1)."""
+
+    obj: np.ndarray  # the object (peak about 1; fluorescence: on SCENE_BACKGROUND)
+    psf: np.ndarray
+    voxel: tuple[float, ...]
+    field_shape: tuple[int, ...]
+    spots: list[tuple[int, ...]]  # bead centres on the object grid, 3 px inside the field
+
+
+def synthetic_scene(name: str, full: bool = False, seed: int | None = None) -> SyntheticScene:
+    """The object, PSF and sampling of a synthetic case (see :func:`synthetic_case`)."""
+    kind, psf_kind, _ = SYNTHETIC[name]
     seed = sum(map(ord, name)) if seed is None else seed
     if kind == "volume":
         field_shape = (64, 128, 128) if full else (32, 64, 64)
@@ -271,7 +281,7 @@ def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Ca
         anisotropy = 1.0
     obj_shape = tuple(n + k - 1 for n, k in zip(field_shape, psf.shape))
     offset = [k // 2 for k in psf.shape]
-    inside: list[tuple[int, ...]] = []  # spots on the object's grid, 3 px inside the field
+    inside: list[tuple[int, ...]] = []
     if kind == "plankton":
         obj = plankton_scene(obj_shape, seed)
     else:
@@ -279,6 +289,16 @@ def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Ca
         inside = [
             s for s in spots_obj if all(o + 3 <= c < o + n - 3 for c, o, n in zip(s, offset, field_shape))
         ]
+    return SyntheticScene(obj, psf, voxel, field_shape, inside)
+
+
+def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Case:
+    """One of the synthetic cases by name (see :data:`SYNTHETIC`); ``seed`` draws another
+    scene and noise of the same kind (default: the case's own, from its name)."""
+    kind, _, level = SYNTHETIC[name]
+    seed = sum(map(ord, name)) if seed is None else seed
+    obj, psf, voxel, _, inside = synthetic_scene(name, full, seed)
+    offset = [k // 2 for k in psf.shape]
     spots = [tuple(c - o for c, o in zip(s, offset)) for s in inside]
     photons, read_noise = LEVELS[level]
     observation, truth = degrade(obj, psf, photons, read_noise, seed + 1)
