@@ -363,5 +363,7 @@ def test_objective_terms_are_the_loss_the_fit_logs():
         assert set(terms) == {"ssim", "data", "hessian", "sparsity", "chi2"}
         total = sum(float(v) for k, v in terms.items() if k != "chi2")
         assert total == pytest.approx(loss, rel=1e-5)
+    without_ssim = objective_terms(estimate, prepared, config.with_(ssim_weight=0.0))
+    assert "ssim" not in without_ssim and float(without_ssim["data"]) == pytest.approx(float(terms["data"]))
     with pytest.raises(CiderError, match="object grid is"):
         objective_terms(estimate[1:], prepared, config)

@@ -657,15 +657,15 @@ def _loss_terms(
 ) -> dict[str, torch.Tensor]:
     """The weighted terms of every member's loss, each of shape (B,); the loss is their sum.
 
-    Terms with a zero weight are left out (not computed).
+    Terms with a zero weight are left out (not computed); the SSIM term is kept when there
+    is no χ² term, so that the loss always compares the model with the data.
     """
-    ssim_spacing = voxel_size if config.ssim_window == "physical" else None
-    terms = {
-        "ssim": config.ssim_weight
-        * ssim_loss(
+    terms: dict[str, torch.Tensor] = {}
+    if config.ssim_weight or not config.data_weight:
+        ssim_spacing = voxel_size if config.ssim_window == "physical" else None
+        terms["ssim"] = config.ssim_weight * ssim_loss(
             blurred, members.targets_for(blurred), k2=members.k2, per_sample=True, spacing=ssim_spacing
         )
-    }
     if config.data_weight:
         terms["data"] = members.data * _chi2(blurred, members)
     if config.hessian_weight or config.hessian_noise_weight:
@@ -703,9 +703,10 @@ def objective_terms(
     Returns
     -------
     dict of str to torch.Tensor
-        Weighted terms (scalars): ``ssim``, and ``data``, ``hessian``, ``sparsity`` where
-        their weights are not zero; ``chi2`` (unweighted, per pixel, in units of the
-        noise variance) for reference, not part of the loss.
+        Weighted terms (scalars) ``ssim``, ``data``, ``hessian``, ``sparsity``, each where
+        its weight is not zero (``ssim`` also where no term has data in it); ``chi2``
+        (unweighted, per pixel, in units of the noise variance) for reference, not part of
+        the loss.
     """
     shape = tuple(n + k - 1 for n, k in zip(prepared.observation.shape, prepared.psf.shape))
     if tuple(estimate.shape) != shape:
