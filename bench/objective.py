@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from microscopy import rl_scores, score  # noqa: E402
-from microscopy_data import LEVELS, SYNTHETIC, Case, load_case, synthetic_scene  # noqa: E402
+from microscopy_data import LEVELS, SYNTHETIC, Case, load_case, synthetic_case, synthetic_scene  # noqa: E402
 from overrides import parse_overrides  # noqa: E402
 
 from cider import FLUORESCENCE, RestoreConfig  # noqa: E402
@@ -101,8 +101,10 @@ def fit_capacity(features: torch.Tensor, truth: torch.Tensor, prepared: Prepared
 
 def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
     """Every row of one case."""
-    case = load_case(name, cache=args.cache)
-    scene = synthetic_scene(name)
+    if args.seed is None:
+        case, scene = load_case(name, cache=args.cache), synthetic_scene(name)
+    else:  # another scene and noise draw of the same kind
+        case, scene = synthetic_case(name, seed=args.seed), synthetic_scene(name, seed=args.seed)
     photons = LEVELS[SYNTHETIC[name][2]][0]
     config = RestoreConfig(**{**FLUORESCENCE, "device": "cpu", **overrides})
     # the true level, so that the truth's signal and the data agree on what is background
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="only the truth and voxels rows (a quick sweep of the loss)",
     )
+    parser.add_argument("--seed", type=int, default=None, help="another draw of each case (default: its own)")
     parser.add_argument("--set", nargs="*", default=[], help="restore settings KEY=VALUE")
     parser.add_argument("--device-name", default="cpu", help="for the record")
     parser.add_argument("--cache", type=Path, default=None, help="case cache folder")
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": args.device_name,
         "date": time.strftime("%Y-%m-%d"),
         "command": "bench/objective.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
         "cases": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
