@@ -49,6 +49,7 @@ from overrides import parse_overrides  # noqa: E402
 
 from cider import FLUORESCENCE, RestoreConfig, losses  # noqa: E402
 from cider.background import flat_background  # noqa: E402
+from cider.fitting import objective  # noqa: E402
 from cider.restore import (  # noqa: E402
     deconvolved_features,
     feature_range,
@@ -278,7 +279,7 @@ def cider_scores(
                 s = score(restored, case, config.background.enabled)
                 curve[iteration + 1] = {
                     **{k: s[k] for k in ("psnr", "ssim", "flux_err", "spot_err", "spot_bias") if k in s},
-                    "chi2": _chi2(estimate, prepared),
+                    "chi2": round(float(chi2(estimate)["chi2"]), 4),
                 }
                 if PROGRESS is not None:  # a run cut short still leaves its curve
                     PROGRESS.mkdir(parents=True, exist_ok=True)
@@ -286,6 +287,7 @@ def cider_scores(
 
     start = time.perf_counter()
     prepared = prepare(case.observation, case.psf, config, voxel_size=case.voxel_size or None)
+    chi2 = objective(prepared, config)  # the fit's χ², for the curve
     features = deconvolved_features(prepared, config)
     fit = fit_generator(features, prepared, config, callback)
     seconds = time.perf_counter() - start
@@ -373,14 +375,6 @@ def tiled_difference(tiled: np.ndarray, whole: np.ndarray, tiles: list[Tile], bl
         "seam_voxels_pct": round(100 * float(seam.mean()), 1),
         "tiles": len(tiles),
     }
-
-
-def _chi2(estimate: torch.Tensor, prepared) -> float:
-    """Data misfit per pixel in units of the noise variance (as the stop rule sees it)."""
-    with torch.no_grad():
-        blurred = BlurOperator(prepared.psf, prepared.observation.shape, "valid")(estimate)
-        residual = (blurred - prepared.observation) ** 2 / prepared.noise.variance(blurred)
-        return round(float(residual.mean()), 4)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -42,7 +42,7 @@ from microscopy_data import LEVELS, SYNTHETIC, Case, load_case, synthetic_case, 
 from overrides import parse_overrides  # noqa: E402
 
 from cider import FLUORESCENCE, RestoreConfig  # noqa: E402
-from cider.fitting import Prepared, fit_generator, learning_rate, objective_terms  # noqa: E402
+from cider.fitting import Prepared, fit_generator, learning_rate, objective, objective_terms  # noqa: E402
 from cider.restore import deconvolved_features, prepare, to_data_units  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -72,9 +72,10 @@ def minimise_voxels(
     """The fit's loss minimised over the voxels (softplus-parametrised, Adam) from ``start``."""
     param = torch.log(torch.expm1(start.double().clamp_min(1e-4))).float().requires_grad_()
     optimizer = torch.optim.Adam([param], lr=rate)
+    loss_terms = objective(prepared, config)
     for _ in range(iterations):
         optimizer.zero_grad()
-        terms = objective_terms(F.softplus(param), prepared, config)
+        terms = loss_terms(F.softplus(param))
         sum(v for k, v in terms.items() if k != "chi2").backward()
         optimizer.step()
     return F.softplus(param).detach()

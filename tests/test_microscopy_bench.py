@@ -350,9 +350,8 @@ def test_objective_bench_scores_the_loss_at_the_truth_and_its_minimum(tmp_path):
     )
     rows = results["cases"]["fluo2d_low"]["rows"]
     assert set(rows) == {"truth", "voxels"}
-    assert rows["truth"]["loss"]["chi2"] == pytest.approx(
-        1.0, abs=0.15
-    )  # the truth fits the data at the noise
+    # the truth fits the data at the noise level
+    assert rows["truth"]["loss"]["chi2"] == pytest.approx(1.0, abs=0.15)
     blurred = microscopy.score(load_case("fluo2d_low").observation, load_case("fluo2d_low"))
     assert rows["voxels"]["psnr"] > blurred["psnr"] + 1
     # the minimiser reaches a lower loss than the truth's: the loss prefers another estimate

@@ -45,6 +45,7 @@ __all__ = [
     "fit_generators",
     "fit_rl",
     "noise_aware_weights",
+    "objective",
     "objective_terms",
 ]
 
@@ -680,21 +681,17 @@ def _loss_terms(
     return terms
 
 
-def objective_terms(
-    estimate: torch.Tensor, prepared: Prepared, config: RestoreConfig
-) -> dict[str, torch.Tensor]:
-    """The terms of the generator fit's loss at any ``estimate`` (differentiable).
+def objective(prepared: Prepared, config: RestoreConfig) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """The generator fit's loss as a function of the estimate, its terms apart (differentiable).
 
-    The loss a fit of ``prepared`` with ``config`` minimises is the sum of these terms;
-    evaluated at another estimate (the truth of a synthetic case, an RL result) they show
-    which term prefers which estimate. ``bench/objective.py`` minimises their sum over
-    the voxels directly, without a generator.
+    The loss a fit of ``prepared`` with ``config`` minimises is the sum of the terms the
+    returned function gives; evaluated at another estimate (the truth of a synthetic case,
+    an RL result) they show which term prefers which estimate. The noise weights and the
+    blur are made once here, so the function can be called at every step of an
+    optimisation (``bench/objective.py`` minimises the loss over the voxels with it).
 
     Parameters
     ----------
-    estimate : torch.Tensor
-        Non-negative estimate on the fit's object grid (image + PSF − 1 per axis), in the
-        units of ``prepared.observation``.
     prepared : Prepared
         Observation, PSF, noise model and voxel size, as the fit gets them.
     config : RestoreConfig
@@ -702,22 +699,38 @@ def objective_terms(
 
     Returns
     -------
-    dict of str to torch.Tensor
-        Weighted terms (scalars) ``ssim``, ``data``, ``hessian``, ``sparsity``, each where
-        its weight is not zero (``ssim`` also where no term has data in it); ``chi2``
-        (unweighted, per pixel, in units of the noise variance) for reference, not part of
-        the loss.
+    callable
+        ``terms(estimate)`` for a non-negative estimate on the fit's object grid (image +
+        PSF − 1 per axis), in the units of ``prepared.observation``. It returns the weighted
+        terms (scalars) ``ssim``, ``data``, ``hessian``, ``sparsity``, each where its weight
+        is not zero (``ssim`` also where no term has data in it), and ``chi2`` (unweighted,
+        per pixel, in units of the noise variance) for reference, not part of the loss. It
+        raises :class:`CiderError` for an estimate of another shape.
     """
-    shape = tuple(n + k - 1 for n, k in zip(prepared.observation.shape, prepared.psf.shape))
-    if tuple(estimate.shape) != shape:
-        raise CiderError(
-            f"objective_terms: estimate of shape {tuple(estimate.shape)}; the object grid is {shape}"
-        )
-    members = _members([estimate[None]], [prepared], [0], config)
-    x = estimate.to(prepared.observation.dtype)[None, None]
-    blurred = BlurOperator(prepared.psf, prepared.observation.shape, boundary="valid")(x)
-    terms = {k: v[0] for k, v in _loss_terms(x, blurred, members, config, prepared.voxel_size).items()}
-    return {**terms, "chi2": _chi2(blurred, members)[0]}
+    observation = prepared.observation
+    shape = tuple(n + k - 1 for n, k in zip(observation.shape, prepared.psf.shape))
+    members = _members([observation.new_zeros((1, *shape))], [prepared], [0], config)
+    blur = BlurOperator(prepared.psf, observation.shape, boundary="valid")
+
+    def terms(estimate: torch.Tensor) -> dict[str, torch.Tensor]:
+        if tuple(estimate.shape) != shape:
+            raise CiderError(
+                f"objective_terms: estimate of shape {tuple(estimate.shape)}; the object grid is {shape}"
+            )
+        x = estimate.to(observation.dtype)[None, None]
+        blurred = blur(x)
+        loss = _loss_terms(x, blurred, members, config, prepared.voxel_size)
+        return {**{k: v[0] for k, v in loss.items()}, "chi2": _chi2(blurred, members)[0]}
+
+    return terms
+
+
+def objective_terms(
+    estimate: torch.Tensor, prepared: Prepared, config: RestoreConfig
+) -> dict[str, torch.Tensor]:
+    """The terms of the generator fit's loss at one ``estimate``: :func:`objective` of
+    ``prepared`` and ``config``, evaluated there (see it for the terms)."""
+    return objective(prepared, config)(estimate)
 
 
 def _load_start(module: Generator, start: dict[str, torch.Tensor]) -> None:
