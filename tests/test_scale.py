@@ -197,8 +197,8 @@ def _volume_config(
 
 def test_background_goes_plane_by_plane_and_equals_the_whole_volume_computation(tmp_path, monkeypatch):
     """Prepare and the streamed background rule: 4× the planes → the same traced (numpy)
-    peaks within 20 %; the whole-volume background bit for bit and its noise model from a
-    few planes; uint16 input stays uint16."""
+    peaks within 20 % or 8 planes (run-to-run noise); the whole-volume background bit for
+    bit and its noise model from a few planes; uint16 input stays uint16."""
     import json
 
     import zarr
@@ -216,9 +216,14 @@ def test_background_goes_plane_by_plane_and_equals_the_whole_volume_computation(
         assert unit_array(config, "u000").dtype == np.uint16
         run_background(config, "g0") if planes == 16 else None  # first use of the extractor
         peaks["background", planes] = _traced_peak(run_background, config, "g0")
+    # Python-level garbage moves these small peaks by ~0.05 MiB from run to run (prepare:
+    # 0.16 → 0.21 MiB once in CI); holding the unit would add its 48 extra planes, 1.5 MiB
+    # as uint16. Allowed: 20 % or 8 planes, whichever is larger.
+    plane_mib = volume[0].nbytes / 2**20
     for rule in ("prepare", "background"):
         small, large = peaks[rule, 16] / 2**20, peaks[rule, 64] / 2**20
-        assert large < 1.2 * small, f"{rule}: peak {small:.2f} MiB for 16 planes, {large:.2f} MiB for 64"
+        allowed = small + max(0.2 * small, 8 * plane_mib)
+        assert large < allowed, f"{rule}: peak {small:.2f} MiB for 16 planes, {large:.2f} MiB for 64"
 
     p = paths(config)
     expected = wavelet_background(volume.astype(np.float64), BackgroundConfig(**config["background"]))
