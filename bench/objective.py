@@ -141,15 +141,18 @@ def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
         fitted = config.with_(iterations=args.cider)
         estimate = timed("cider", lambda: fit_generator(features, prepared, fitted).estimate)
         rows["cider"] = {**_row(estimate, case, prepared, config), "iterations": args.cider}
+        # the polish may minimise another loss (--polish-set), scored by that loss
+        polish = config.with_(**parse_overrides(args.polish_set))
         polished = timed(
             "cider_voxels",
             lambda: minimise_voxels(
-                estimate, prepared, config, args.polish_iterations, VOXEL_RATE["estimate"]
+                estimate, prepared, polish, args.polish_iterations, VOXEL_RATE["estimate"]
             ),
         )
         rows["cider_voxels"] = {
-            **_row(polished, case, prepared, config),
+            **_row(polished, case, prepared, polish),
             "iterations": args.polish_iterations,
+            **({"settings": args.polish_set} if args.polish_set else {}),
         }
     if args.capacity:
         capacity = config.with_(iterations=args.capacity)
@@ -191,6 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--voxel-iterations", type=int, default=500)
     parser.add_argument("--cider", type=int, default=0, help="also the generator fit of N iterations")
     parser.add_argument("--polish-iterations", type=int, default=300)
+    parser.add_argument(
+        "--polish-set",
+        nargs="*",
+        default=[],
+        help="settings KEY=VALUE of the polish's loss (default: the fit's)",
+    )
     parser.add_argument("--capacity", type=int, default=0, help="also the generator fitted to the truth")
     parser.add_argument(
         "--voxels-only",

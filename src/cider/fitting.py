@@ -715,7 +715,8 @@ def objective(prepared: Prepared, config: RestoreConfig) -> Callable[[torch.Tens
     def terms(estimate: torch.Tensor) -> dict[str, torch.Tensor]:
         if tuple(estimate.shape) != shape:
             raise CiderError(
-                f"objective_terms: estimate of shape {tuple(estimate.shape)}; the object grid is {shape}"
+                f"objective: estimate of shape {tuple(estimate.shape)}; the object grid is {shape} "
+                "(image + PSF − 1 per axis)"
             )
         x = estimate.to(observation.dtype)[None, None]
         blurred = blur(x)
