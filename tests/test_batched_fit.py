@@ -15,6 +15,7 @@ import torch
 
 from cider.errors import CiderError
 from cider.fitting import _judged, fit_generator, fit_generators, objective_terms
+from cider.losses import hessian_penalty
 from cider.psf import gaussian_psf
 from cider.restore import RestoreConfig, deconvolved_features, prepare
 
@@ -365,5 +366,15 @@ def test_objective_terms_are_the_loss_the_fit_logs():
         assert total == pytest.approx(loss, rel=1e-5)
     without_ssim = objective_terms(estimate, prepared, config.with_(ssim_weight=0.0))
     assert "ssim" not in without_ssim and float(without_ssim["data"]) == pytest.approx(float(terms["data"]))
+    # restore.hessian_norm reaches the fit's Hessian term (intensity domain: the penalty of the estimate)
+    intensity = config.with_(hessian_domain="intensity")
+    entries = objective_terms(estimate, prepared, intensity)["hessian"]
+    frobenius = objective_terms(estimate, prepared, intensity.with_(hessian_norm="frobenius"))["hessian"]
+    spacing = prepared.voxel_size
+    ratio = hessian_penalty(estimate[None, None], spacing, norm="frobenius") / hessian_penalty(
+        estimate[None, None], spacing
+    )
+    assert float(frobenius) == pytest.approx(float(entries) * float(ratio), rel=1e-5)
+    assert float(frobenius) < float(entries)
     with pytest.raises(CiderError, match="object grid is"):
         objective_terms(estimate[1:], prepared, config)

@@ -26,6 +26,33 @@ def test_hessian_values_2d_and_3d():
     assert float(hessian_penalty((z**2 + y * z + 2 * x * y)[None, None])) == pytest.approx(8.0)
 
 
+def test_frobenius_hessian_values_and_rotation_invariance():
+    """The Frobenius norm of a quadratic's (constant) Hessian; a rotated structure costs the same."""
+    y, x = torch.meshgrid(
+        torch.arange(10.0, dtype=torch.float64), torch.arange(12.0, dtype=torch.float64), indexing="ij"
+    )
+    # f = x² + xy − 1.5 y²: Hessian [[2, 1], [1, −3]] → √(4 + 1 + 1 + 9) = √15 (entries: 7)
+    f = (x**2 + x * y - 1.5 * y**2)[None, None]
+    assert float(hessian_penalty(f, norm="frobenius")) == pytest.approx(15**0.5)
+    assert float(hessian_penalty(f)) == pytest.approx(7.0)
+    # x² and ((x + y)/√2)², the same ridge at 0° and 45°: Frobenius 2 for both, entries 2 and 4
+    along, diagonal = (x**2)[None, None], ((x + y) ** 2 / 2)[None, None]
+    assert float(hessian_penalty(along, norm="frobenius")) == pytest.approx(2.0)
+    assert float(hessian_penalty(diagonal, norm="frobenius")) == pytest.approx(2.0)
+    assert float(hessian_penalty(diagonal)) == pytest.approx(2 * float(hessian_penalty(along)))
+    # 3D, z step 3: f = z² in physical units has ∂²f/∂z² = 2 on every voxel
+    z = torch.arange(8, dtype=torch.float64) * 3
+    volume = (z**2)[:, None, None].expand(8, 6, 6)[None, None]
+    assert float(hessian_penalty(volume, spacing=(3.0, 1.0, 1.0), norm="frobenius")) == pytest.approx(2.0)
+    # per sample, and a flat estimate keeps a finite gradient
+    flat = torch.zeros(2, 1, 5, 6, requires_grad=True)
+    value = hessian_penalty(flat, norm="frobenius", per_sample=True)
+    value.sum().backward()
+    assert value.shape == (2,) and torch.isfinite(flat.grad).all()
+    with pytest.raises(ValueError, match="norm must be one of"):
+        hessian_penalty(f, norm="nuclear")
+
+
 def test_ssim_loss_zero_for_identical_and_positive_otherwise():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(1, 1, 32, 32, generator=g)

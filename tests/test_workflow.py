@@ -141,6 +141,15 @@ def test_generator_input_reaches_the_fit_and_is_checked():
         validate_config(_minimal() | {"restore": {"generator_input": "images"}})
 
 
+def test_hessian_norm_reaches_the_fit_and_is_checked():
+    from cider.workflow.config import restore_config
+
+    config = validate_config(_minimal() | {"restore": {"hessian_norm": "frobenius"}})
+    assert restore_config(config).hessian_norm == "frobenius"
+    with pytest.raises(CiderError, match=r"key 'restore.hessian_norm': 'nuclear' is not one of"):
+        validate_config(_minimal() | {"restore": {"hessian_norm": "nuclear"}})
+
+
 def test_too_small_margin_is_an_error(tmp_path):
     config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
     config["tiling"]["margin"] = 4

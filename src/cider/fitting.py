@@ -675,7 +675,9 @@ def _loss_terms(
             if config.hessian_domain == "stabilised"
             else estimate
         )
-        terms["hessian"] = members.hessian * hessian_penalty(curvature, voxel_size, per_sample=True)
+        terms["hessian"] = members.hessian * hessian_penalty(
+            curvature, voxel_size, per_sample=True, norm=config.hessian_norm
+        )
     if config.sparsity_weight:
         terms["sparsity"] = config.sparsity_weight * sparsity_penalty(estimate, per_sample=True)
     return terms
