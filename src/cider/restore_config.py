@@ -105,8 +105,8 @@ class RestoreConfig:
         structure lies against the axes. Minimised over the voxels on the synthetic 3D
         fluorescence volumes, ``frobenius`` with twice the ``hessian_noise_weight``
         scored +0.06 / +0.10 dB over ``entries`` on two draws (bench/README.md, "The loss
-        against the truth", second pass, item 8); not measured with the generator yet,
-        so opt-in.
+        against the truth", second pass, item 8); the generator gained nothing from it
+        at 300 it. (CPU, two volumes), and 1000 it. is unmeasured, so opt-in.
     ssim_noise_factor : float
         SSIM's contrast constant is raised to ``k2 = max(0.03, ssim_noise_factor · σ)``
         so that SSIM cannot reward copying the noise's local variance (flat bright
