@@ -49,7 +49,7 @@ def test_frobenius_hessian_values_and_rotation_invariance():
     value = hessian_penalty(flat, norm="frobenius", per_sample=True)
     value.sum().backward()
     assert value.shape == (2,) and torch.isfinite(flat.grad).all()
-    with pytest.raises(ValueError, match="norm must be one of"):
+    with pytest.raises(ValueError, match="norm must be 'entries' or 'frobenius'"):
         hessian_penalty(f, norm="nuclear")
 
 

@@ -14,18 +14,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "ssim_loss",
-    "ssim_windows",
-    "hessian_penalty",
-    "HESSIAN_NORMS",
-    "sparsity_penalty",
-    "variance_stabilised",
-]
+__all__ = ["ssim_loss", "ssim_windows", "hessian_penalty", "sparsity_penalty", "variance_stabilised"]
 
 
-# Norms of the Hessian prior (:func:`hessian_penalty`, ``RestoreConfig.hessian_norm``).
-HESSIAN_NORMS = ("entries", "frobenius")
 # Added under the square root of the Frobenius norm: far below any curvature the fit
 # resolves on its intensity scale (the data's maximum maps to 1).
 FROBENIUS_EPS = 1e-6
@@ -208,7 +199,7 @@ def hessian_penalty(
     if norm == "entries":
         return sum(w * _mean(d.abs(), per_sample) for d, w, _ in terms)
     if norm != "frobenius":
-        raise ValueError(f"hessian_penalty: norm must be one of {HESSIAN_NORMS}, got {norm!r}")
+        raise ValueError(f"hessian_penalty: norm must be 'entries' or 'frobenius', got {norm!r}")
     squares = sum(count * (_on_interior(d, x.shape) * (w / count)) ** 2 for d, w, count in terms)
     # FROBENIUS_EPS keeps the gradient finite where the estimate is flat (all entries 0)
     return _mean((squares + FROBENIUS_EPS**2).sqrt(), per_sample)

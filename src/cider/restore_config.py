@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from .background import BackgroundConfig
 from .errors import CiderError
 from .generator import OUTPUTS, Strides, voxel_strides
-from .losses import HESSIAN_NORMS
 
 __all__ = [
     "FLUORESCENCE",
@@ -30,6 +29,7 @@ PRECISIONS = ("float32", "bfloat16")
 SSIM_WINDOWS = ("voxel", "physical")
 GENERATOR_STRIDES = ("isotropic", "voxel")
 HESSIAN_DOMAINS = ("intensity", "stabilised")
+HESSIAN_NORMS = ("entries", "frobenius")  # cider.losses.hessian_penalty's norms
 KEEP_BEST_BY = ("loss", "block")
 # Settings for fluorescence (bright objects on a dark background), measured in
 # bench/README.md ("The data term per modality", "Variance-stabilised Hessian", "keep_best
