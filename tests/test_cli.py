@@ -217,6 +217,28 @@ def test_voxel_sizes_reach_the_fit_and_the_psf_and_the_output_records_them(tmp_p
     assert "--voxel has 3 sizes for a 2D image" in capsys.readouterr().err
 
 
+def test_hessian_norm_flag_reaches_the_fit_and_offers_every_norm(tmp_path, capsys):
+    """--hessian-norm frobenius restores as the library does with that norm (another
+    result than the default's) and is recorded; the flag offers exactly the norms the
+    config accepts."""
+    from cider import RestoreConfig, restore
+    from cider.restore_config import HESSIAN_NORMS
+
+    image = blobs((32, 32), 6).astype(np.float32) + 0.1
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    args = ["restore", str(tmp_path / "in.tif"), "--gaussian-sigma", "1.2", "--iterations", "3", "--quiet"]
+    assert cli.main([*args, "--hessian-norm", "frobenius", "-o", str(tmp_path / "out.tif")]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["hessian_norm"] == "frobenius"
+    psf = gaussian_psf(1.2)
+    expected = restore(image, psf, RestoreConfig(iterations=3, hessian_norm="frobenius")).restored
+    default = restore(image, psf, RestoreConfig(iterations=3)).restored
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), expected.astype(np.float32))
+    assert not np.allclose(expected, default)
+    flag = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    norm = next(a for a in flag.choices["restore"]._actions if a.dest == "hessian_norm")
+    assert tuple(norm.choices) == HESSIAN_NORMS and norm.default == RestoreConfig.hessian_norm
+
+
 def test_rl_flag_restores_with_plain_rl_and_says_so(tmp_path, capsys):
     from cider import richardson_lucy
 

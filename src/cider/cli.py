@@ -109,6 +109,7 @@ def _restore(args: argparse.Namespace) -> int:
         feature_weights=args.weights,
         early_stop_patience=args.early_stop,
         generator_strides=args.generator_strides,
+        hessian_norm=args.hessian_norm,
     ).with_(background={"enabled": args.background is not None, "method": args.background or "wavelet"})
     if args.fluorescence:
         config = config.with_(
@@ -407,6 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="isotropic (default): the generator halves every axis at each level; voxel: only "
         "axes whose spacing is under twice the finest, so a coarse z step keeps its planes "
         "(needs --voxel; RestoreConfig.generator_strides)",
+    )
+    r.add_argument(
+        "--hessian-norm",
+        choices=("entries", "frobenius"),  # restore_config.HESSIAN_NORMS (imports torch)
+        default="entries",
+        help="entries (default): the Hessian prior sums each voxel's absolute second "
+        "differences; frobenius: their root sum of squares, the same for any orientation of the "
+        "structure (RestoreConfig.hessian_norm)",
     )
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
