@@ -180,13 +180,20 @@ def degrade(obj: np.ndarray, psf: np.ndarray, photons: float, read_noise: float,
     observation, truth
         Both in photon units; ``truth`` is ``obj`` cropped to the observation's field.
     """
-    blurred = valid_blur(obj, psf)
-    shape = blurred.shape
+    expected = valid_blur(obj, psf) * photons
+    return add_noise(expected, read_noise, seed), on_field(obj, psf, expected.shape) * photons
+
+
+def on_field(obj: np.ndarray, psf: np.ndarray, field: tuple[int, ...]) -> np.ndarray:
+    """``obj`` cropped to the field of its ``valid`` blur by ``psf`` (shape ``field``)."""
+    return obj[tuple(slice(k // 2, k // 2 + n) for k, n in zip(psf.shape, field))]
+
+
+def add_noise(expected: np.ndarray, read_noise: float, seed: int) -> np.ndarray:
+    """Poisson draw of ``expected`` (photons) plus Gaussian read noise of ``read_noise``."""
     rng = np.random.default_rng(seed)
-    observation = rng.poisson(noise_free(blurred * photons)).astype(np.float64)
-    observation += rng.normal(0, read_noise, shape)
-    crop = tuple(slice(k // 2, k // 2 + n) for k, n in zip(psf.shape, shape))
-    return observation, obj[crop] * photons
+    observation = rng.poisson(noise_free(expected)).astype(np.float64)
+    return observation + rng.normal(0, read_noise, expected.shape)
 
 
 def oracle_spot_errors(
@@ -301,11 +308,12 @@ def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Ca
     offset = [k // 2 for k in psf.shape]
     spots = [tuple(c - o for c, o in zip(s, offset)) for s in inside]
     photons, read_noise = LEVELS[level]
-    observation, truth = degrade(obj, psf, photons, read_noise, seed + 1)
+    expected = valid_blur(obj, psf) * photons
+    observation = add_noise(expected, read_noise, seed + 1)
+    truth = on_field(obj, psf, expected.shape) * photons
     background = 0.0 if kind == "plankton" else SCENE_BACKGROUND * photons
     oracle: tuple[float, ...] = ()
     if spots:
-        expected = valid_blur(obj, psf) * photons
         oracle = oracle_spot_errors(
             obj * photons - background, psf, expected, observation, inside, read_noise
         )
