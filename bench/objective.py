@@ -42,7 +42,15 @@ from microscopy_data import LEVELS, SYNTHETIC, Case, load_case, synthetic_case, 
 from overrides import parse_overrides  # noqa: E402
 
 from cider import FLUORESCENCE, RestoreConfig  # noqa: E402
-from cider.fitting import Prepared, fit_generator, learning_rate, objective, objective_terms  # noqa: E402
+from cider.fitting import (  # noqa: E402
+    Generators,
+    Prepared,
+    fit_generator,
+    learning_rate,
+    objective,
+    objective_terms,
+    start_level,
+)
 from cider.restore import deconvolved_features, prepare, to_data_units  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,10 +92,8 @@ def minimise_voxels(
 def fit_capacity(features: torch.Tensor, truth: torch.Tensor, prepared: Prepared, config: RestoreConfig):
     """The generator of ``config`` (seed, schedule, input) fitted to ``truth`` by mean
     squared error: the best its parametrisation reaches in ``config.iterations``."""
-    from cider.fitting import _Generators, _level
-
-    generators = _Generators(
-        features[None], config, [_level(prepared)], None, config.strides(prepared.voxel_size)
+    generators = Generators(
+        features[None], config, [start_level(prepared)], None, config.strides(prepared.voxel_size)
     )
     for iteration in range(config.iterations):
         for group in generators.optimizer.param_groups:

@@ -40,6 +40,7 @@ from .rl import BlurOperator, censored, richardson_lucy
 __all__ = [
     "Prepared",
     "Fit",
+    "Generators",
     "check_compile",
     "fit_generator",
     "fit_generators",
@@ -47,6 +48,7 @@ __all__ = [
     "noise_aware_weights",
     "objective",
     "objective_terms",
+    "start_level",
 ]
 
 # On a CPU a batch is faster only for small members (bench/results/throughput.md: 1.4× for
@@ -319,7 +321,7 @@ def _members(
     )
 
 
-def _level(prepared: Prepared) -> float:
+def start_level(prepared: Prepared) -> float:
     """Mean signal of this observation (tile), negative noise excursions counting as 0:
     where each generator's output starts."""
     return float(prepared.observation.clamp_min(0).mean())
@@ -357,7 +359,7 @@ def _chi2(blurred: torch.Tensor, members: _Members) -> torch.Tensor:
     return ((blurred - members.targets_for(blurred)) ** 2 / variance).flatten(1).mean(1)
 
 
-class _Generators:
+class Generators:
     """B generators with the same initial weights, as stacked parameter tensors."""
 
     def __init__(
@@ -570,8 +572,8 @@ def _fit_together(
     first = prepared[active[0]]
     blur = BlurOperator(first.psf, first.observation.shape, boundary="valid")
     members = _members(features, prepared, active, config)
-    levels = [_level(prepared[i]) for i in active]
-    generators = _Generators(members.inputs, config, levels, start, config.strides(first.voxel_size))
+    levels = [start_level(prepared[i]) for i in active]
+    generators = Generators(members.inputs, config, levels, start, config.strides(first.voxel_size))
     average: torch.Tensor | None = None
     # keep_best: the estimate at the lowest logged loss, so a late loss spike is not returned
     keep_best = config.keep_best and not config.average
