@@ -298,6 +298,36 @@ def test_compiled_fit_equals_the_uncompiled_one(monkeypatch):
     )
 
 
+@pytest.mark.slow
+def test_compiled_fits_of_many_shapes_run_past_dynamos_limit_then_refuse_naming_the_setting(monkeypatch):
+    """A process that fits images of many sizes compiles for each shape. Dynamo's own
+    recompile limit (8 per function; 1 here, to need few shapes) fails a ``fullgraph``
+    function past it (the ninth shape did, 2026-11-29): the fit raises the limit for its
+    passes, up to ``COMPILE_SHAPES`` shapes, and past those refuses, naming
+    ``restore.compile``, before compiling."""
+    import torch._dynamo
+
+    import cider.fitting
+
+    torch._dynamo.reset()  # no graphs of earlier tests in the count
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    monkeypatch.setattr(cider.fitting, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(cider.fitting, "COMPILE_SHAPES", 3)
+    monkeypatch.setattr(cider.fitting, "COMPILE_GRAPHS", 24)
+    monkeypatch.setattr(cider.fitting, "_compiled_shapes", set())
+    config = RestoreConfig(iterations=1, device="cpu", compile=True)
+    rng, psf = np.random.default_rng(0), gaussian_psf(0.7)
+    for number in range(4):
+        prepared = prepare(rng.poisson(30, (12 + number, 13)).astype(float), psf, config)
+        features = deconvolved_features(prepared, config)
+        if number < 3:
+            fit = fit_generator(features, prepared, config)
+            assert torch.isfinite(fit.estimate).all()
+            assert fit.estimate.shape[0] == 12 + number + psf.shape[0] - 1
+    with pytest.raises(CiderError, match=r"restore\.compile: .* 3 input shapes.*restore\.compile: false"):
+        fit_generator(features, prepared, config)
+
+
 def test_compile_without_a_compiler_fails_before_the_fit_naming_the_setting(monkeypatch):
     """A node that cannot build compiled code (here: no C++ compiler, as on a CPU node
     without one; Triton missing is the CUDA case) fails before the first iteration with a

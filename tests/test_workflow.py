@@ -1202,6 +1202,31 @@ def test_a_folder_of_1200_images_plans_with_scaling_ids_and_few_jobs(tmp_path):
     assert (counts["background"], counts["fit"], counts["stitch"]) == (19, 19, 19), counts
 
 
+def test_with_compile_a_fit_job_holds_few_tile_shapes(tmp_path):
+    """``restore.compile`` compiles the generator anew for each padded tile shape (minutes)
+    and a process for at most ``cider.fitting.COMPILE_SHAPES`` of them: a folder of
+    differently sized images is planned in fit jobs of at most ``COMPILE_SHAPES_PER_JOB``
+    shapes, every image still in one; without compile, in fewer jobs."""
+    from cider.workflow import plan as plan_module
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(12):
+        tifffile.imwrite(folder / f"img{number:02d}.tif", rng.random((16 + number, 20), dtype=np.float32))
+    config = _minimal() | {"input": {"path": str(folder), "axes": "YX", "voxel_size": [1, 1]}}
+    config |= {"output_dir": str(tmp_path / "out"), "psf": {"gaussian_sigma": 0.7}}
+    config["jobs"] = {"images_per_job": 64}
+    plain = make_plan(validate_config(config))
+    config["restore"] = {**config.get("restore", {}), "compile": True}
+    compiled = make_plan(validate_config(config))
+    shapes = {t.id: t.padded_shape for t in compiled.tiles}
+    assert len(set(shapes.values())) == 12 and len(plain.batches) == 1
+    most = plan_module.COMPILE_SHAPES_PER_JOB
+    assert [len({shapes[t] for t in b.tiles}) for b in compiled.batches] == [most] * (12 // most)
+    assert sorted(t for b in compiled.batches for t in b.tiles) == sorted(shapes)
+
+
 @pytest.mark.slow
 def test_a_time_and_channel_file_runs_end_to_end_into_one_ome_zarr(tmp_path):
     """TCZYX in (2 time points × 2 channels), one TCZYX OME-Zarr out, each unit in its place."""

@@ -60,6 +60,15 @@ CPU_BATCH_VOXELS = 48_000
 # graph (so a graph break or a tracing error shows), without the minutes of code generation
 # on a CPU.
 COMPILE_BACKEND = "inductor"
+# Distinct generator input shapes one process compiles for (``RestoreConfig.compile``). Each
+# new shape recompiles (minutes), and past its recompile limit dynamo refuses a fullgraph
+# function instead of falling back, so the fit raises a CiderError first. A fit job holds at
+# most ``cider.workflow.plan.COMPILE_SHAPES_PER_JOB`` shapes.
+COMPILE_SHAPES = 16
+# Dynamo graphs allowed per compiled pass: a shape can take several (the batch shrinking as
+# members stop, dynamic sizes after the first recompile).
+COMPILE_GRAPHS = 8 * COMPILE_SHAPES
+_compiled_shapes: set[tuple] = set()
 
 Callback = Callable[[int, float, torch.Tensor], None]
 BatchCallback = Callable[[int, int, float, torch.Tensor], None]
@@ -397,6 +406,9 @@ class Generators:
         self.low_precision = config.precision == "bfloat16"
         backend = COMPILE_BACKEND if config.compile else None
         self.one, self.many = _forwards(ndim, inputs.shape[1], config.output, backend, strides)
+        self.compiled = backend is not None
+        if self.compiled:
+            _count_compiled_shape((ndim, inputs.shape[1], config.output, strides, tuple(inputs.shape[2:])))
 
     def weights(self, row: int) -> dict[str, torch.Tensor]:
         """Member ``row``'s current weights, detached, on the CPU."""
@@ -408,6 +420,12 @@ class Generators:
         if self.low_precision:
             params = {k: v if k.startswith("head.") else v.to(torch.bfloat16) for k, v in params.items()}
             inputs = inputs.to(torch.bfloat16)
+        if not self.compiled:
+            return self._forward(params, inputs)
+        with torch._dynamo.config.patch(recompile_limit=COMPILE_GRAPHS):
+            return self._forward(params, inputs)
+
+    def _forward(self, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) == 1:  # the plain module is faster than a vmap of one
             return self.one({k: v[0] for k, v in params.items()}, inputs)
         return self.many(params, inputs)
@@ -428,6 +446,24 @@ class Generators:
                 for key, value in old_state[old].items()
             }
         self.params, self.optimizer = new_params, optimizer
+
+
+def _count_compiled_shape(key: tuple) -> None:
+    """Register a generator input shape (with the generator's kind) this process compiles for.
+
+    Raises
+    ------
+    CiderError
+        When it would be more than ``COMPILE_SHAPES``, naming ``restore.compile``.
+    """
+    if key not in _compiled_shapes and len(_compiled_shapes) >= COMPILE_SHAPES:
+        raise CiderError(
+            f"restore.compile: this process has compiled the generator for {COMPILE_SHAPES} input "
+            f"shapes, the most it compiles for (each new one takes minutes and torch then refuses "
+            f"more); the next would be {list(key[-1])}. Set restore.compile: false for many "
+            f"differently sized images, or restore fewer shapes per process"
+        )
+    _compiled_shapes.add(key)
 
 
 @lru_cache(maxsize=8)

@@ -236,6 +236,9 @@ def _pack(items: Sequence[tuple], most: int, voxels: int) -> list[list]:
 
 
 FIT_JOB_VOXELS = 2**23  # padded-tile voxels one fit job takes on when it packs several passes
+# With restore.compile, the most padded tile shapes one fit job holds: each shape is compiled
+# anew (minutes), and a process compiles for at most cider.fitting.COMPILE_SHAPES of them.
+COMPILE_SHAPES_PER_JOB = 4
 
 
 def make_batches(
@@ -244,6 +247,7 @@ def make_batches(
     images_per_job: int = 1,
     pass_sizes: dict[tuple[int, ...], int] | None = None,
     psf_of_tile: Sequence[int] | None = None,
+    shapes_per_job: int | None = None,
 ) -> tuple[Batch, ...]:
     """The fit jobs: passes of ≤ ``batch_size`` same-shape tiles, packed into jobs.
 
@@ -254,7 +258,8 @@ def make_batches(
     while a pass of large 3D tiles is a job of its own. ``pass_sizes``: a smaller pass
     size for some padded shapes (what fits the GPU, :func:`gpu_pass_sizes`).
     ``psf_of_tile``: which PSF each tile is restored with (its channel's, with
-    ``psf.channels``); a pass holds tiles of one PSF only.
+    ``psf.channels``); a pass holds tiles of one PSF only. ``shapes_per_job``: the most
+    padded shapes a job holds (``COMPILE_SHAPES_PER_JOB`` with ``restore.compile``).
     """
     kinds = psf_of_tile if psf_of_tile is not None else [0] * len(tiles)
     by_shape: dict[tuple[tuple[int, ...], int], list[str]] = {}
@@ -268,7 +273,24 @@ def make_batches(
     ]
     sizes = [(one_pass, len(one_pass), len(one_pass) * voxels) for one_pass, voxels in passes]
     jobs = _pack(sizes, max(batch_size, images_per_job), FIT_JOB_VOXELS)
+    if shapes_per_job:
+        shape_of = {tile.id: tile.padded_shape for tile in tiles}
+        jobs = [part for job in jobs for part in _split_by_shapes(job, shape_of, shapes_per_job)]
     return tuple(Batch(f"b{number}", tuple(job)) for number, job in enumerate(jobs))
+
+
+def _split_by_shapes(job: list[tuple[str, ...]], shape_of: dict, most: int) -> list[list[tuple[str, ...]]]:
+    """A job's passes in consecutive parts of at most ``most`` distinct padded shapes."""
+    parts: list[list[tuple[str, ...]]] = []
+    shapes: set = set()
+    for one_pass in job:
+        shape = shape_of[one_pass[0]]
+        if not parts or (shape not in shapes and len(shapes) == most):
+            parts.append([])
+            shapes = set()
+        parts[-1].append(one_pass)
+        shapes.add(shape)
+    return parts
 
 
 GPU_USABLE = 0.9  # share of fit.gpu_memory_gb a pass may use (the CUDA context needs the rest)
@@ -452,7 +474,10 @@ def _cached_plan(config_json: str) -> Plan:
             shapes, tuple(psf_shape), tuple(margin), tile_size, config["fit"], least, strides
         )
     psf_of_tile = [channel_of[units[t.unit].id] for t in tiles]
-    batches = make_batches(tiles, config["fit"]["batch_size"], per_job, pass_sizes, psf_of_tile)
+    shapes_per_job = COMPILE_SHAPES_PER_JOB if config.get("compile") else None
+    batches = make_batches(
+        tiles, config["fit"]["batch_size"], per_job, pass_sizes, psf_of_tile, shapes_per_job
+    )
     groups = make_groups([(u.id, int(np.prod(u.shape))) for u in units], per_job, "g")
     voxels_of_name: dict[str, int] = {}
     for u in units:
@@ -517,6 +542,8 @@ def per_axis(value, ndim: int, key: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+# The config the plan depends on; also restore.generator_strides when it is "voxel" and
+# restore.compile when it is on (make_plan).
 PLAN_KEYS = (
     "input",
     "psf",
@@ -525,7 +552,7 @@ PLAN_KEYS = (
     "jobs",
     "output_dir",
     "work_dir",
-)  # the config the plan depends on, and restore.generator_strides when it is "voxel"
+)
 
 
 def make_plan(config: dict) -> Plan:
@@ -538,8 +565,11 @@ def make_plan(config: dict) -> Plan:
     ``stat`` per file); otherwise the plan is made anew and rewritten. Cached per process.
     """
     settings = {key: output_settings(config, key) for key in PLAN_KEYS}
-    if (config.get("restore") or {}).get("generator_strides") == "voxel":
+    restore = config.get("restore") or {}
+    if restore.get("generator_strides") == "voxel":
         settings["generator_strides"] = "voxel"  # the fit's memory per tile (absent: isotropic)
+    if restore.get("compile") and restore.get("method", "cider") != "rl":
+        settings["compile"] = True  # fewer tile shapes per fit job (absent: off)
     return _stored_plan(json.dumps(settings, sort_keys=True, default=str))
 
 
