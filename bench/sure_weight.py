@@ -79,6 +79,7 @@ def projected_sure(
     eps_rel: float = EPS_REL,
     delta: float = DELTA,
     seed: int = 1,
+    x: torch.Tensor | None = None,
 ) -> float:
     """Stein's estimate of ``|P(x̂(y) − x)|²`` less the truth's own ``xᵀPx`` (a constant).
 
@@ -94,8 +95,10 @@ def projected_sure(
         Noise variance per pixel, given the re-blurred estimate.
     probes, eps_rel, seed
         Monte-Carlo probes of the divergence, their size (× the rms noise) and seed.
+    x : torch.Tensor, optional
+        ``x̂(y)``, when already computed.
     """
-    x = estimate(y)
+    x = estimate(y) if x is None else x
     blurred = blur(x)
     u = gram_solve(blur, blurred, delta)
     noise = variance(blurred)
@@ -140,8 +143,8 @@ def run_case(name: str, weights: list[float], steps: int, probes: int, cache: Pa
         start = time.perf_counter()
         config = base.with_(hessian_noise_weight=weight)
         estimate = voxel_estimator(prepared, config, flat, steps)
-        sure = projected_sure(y, blur, estimate, prepared.noise.variance, probes)
         x = estimate(y)
+        sure = projected_sure(y, blur, estimate, prepared.noise.variance, probes, x=x)
         rows.append(
             {
                 "W": weight,
