@@ -310,22 +310,25 @@ def test_compiled_fits_of_many_shapes_run_past_dynamos_limit_then_refuse_naming_
     import cider.fitting
 
     torch._dynamo.reset()  # no graphs of earlier tests in the count
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # (not monkeypatch: its undo would delete the key from torch's config module)
+    patched = torch._dynamo.config.patch(recompile_limit=1)
     monkeypatch.setattr(cider.fitting, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(cider.fitting, "COMPILE_SHAPES", 3)
     monkeypatch.setattr(cider.fitting, "COMPILE_GRAPHS", 24)
     monkeypatch.setattr(cider.fitting, "_compiled_shapes", set())
     config = RestoreConfig(iterations=1, device="cpu", compile=True)
     rng, psf = np.random.default_rng(0), gaussian_psf(0.7)
-    for number in range(4):
-        prepared = prepare(rng.poisson(30, (12 + number, 13)).astype(float), psf, config)
-        features = deconvolved_features(prepared, config)
-        if number < 3:
-            fit = fit_generator(features, prepared, config)
-            assert torch.isfinite(fit.estimate).all()
-            assert fit.estimate.shape[0] == 12 + number + psf.shape[0] - 1
-    with pytest.raises(CiderError, match=r"restore\.compile: .* 3 input shapes.*restore\.compile: false"):
-        fit_generator(features, prepared, config)
+    with patched:
+        for number in range(4):
+            prepared = prepare(rng.poisson(30, (12 + number, 13)).astype(float), psf, config)
+            features = deconvolved_features(prepared, config)
+            if number < 3:
+                fit = fit_generator(features, prepared, config)
+                assert torch.isfinite(fit.estimate).all()
+                assert fit.estimate.shape[0] == 12 + number + psf.shape[0] - 1
+        with pytest.raises(CiderError, match=r"restore\.compile: .* 3 input shapes.*restore\.compile: false"):
+            fit_generator(features, prepared, config)
+    assert torch._dynamo.config.recompile_limit == 8  # torch's own, restored
 
 
 def test_compile_without_a_compiler_fails_before_the_fit_naming_the_setting(monkeypatch):
