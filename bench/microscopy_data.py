@@ -177,11 +177,12 @@ def degrade(obj: np.ndarray, psf: np.ndarray, photons: float, read_noise: float,
 
     Returns
     -------
-    observation, truth
-        Both in photon units; ``truth`` is ``obj`` cropped to the observation's field.
+    observation, truth, expected
+        In photon units; ``truth`` is ``obj`` cropped to the observation's field,
+        ``expected`` the noise-free blurred data.
     """
     expected = valid_blur(obj, psf) * photons
-    return add_noise(expected, read_noise, seed), on_field(obj, psf, expected.shape) * photons
+    return add_noise(expected, read_noise, seed), on_field(obj, psf, expected.shape) * photons, expected
 
 
 def on_field(obj: np.ndarray, psf: np.ndarray, field: tuple[int, ...]) -> np.ndarray:
@@ -308,9 +309,7 @@ def synthetic_case(name: str, full: bool = False, seed: int | None = None) -> Ca
     offset = [k // 2 for k in psf.shape]
     spots = [tuple(c - o for c, o in zip(s, offset)) for s in inside]
     photons, read_noise = LEVELS[level]
-    expected = valid_blur(obj, psf) * photons
-    observation = add_noise(expected, read_noise, seed + 1)
-    truth = on_field(obj, psf, expected.shape) * photons
+    observation, truth, expected = degrade(obj, psf, photons, read_noise, seed + 1)
     background = 0.0 if kind == "plankton" else SCENE_BACKGROUND * photons
     oracle: tuple[float, ...] = ()
     if spots:

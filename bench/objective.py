@@ -106,19 +106,29 @@ def fit_capacity(features: torch.Tensor, truth: torch.Tensor, prepared: Prepared
         return generators(features[None])[0, 0]
 
 
-def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
-    """Every row of one case."""
-    if args.seed is None:
-        case, scene = load_case(name, cache=args.cache), synthetic_scene(name)
-    else:  # another scene and noise draw of the same kind
-        case, scene = synthetic_case(name, seed=args.seed), synthetic_scene(name, seed=args.seed)
+def setup_case(
+    name: str, config: RestoreConfig, cache: Path | None = None, seed: int | None = None
+) -> tuple[Case, Prepared, torch.Tensor]:
+    """A synthetic case as the fit gets it, with the true flat level subtracted (so that
+    the truth's signal and the data agree on what is background), and its true signal
+    on the fit's object grid, in the fit's units. ``seed``: another scene and noise draw
+    of the same kind (default: the case's own, cached in ``cache``)."""
+    if seed is None:
+        case, scene = load_case(name, cache=cache), synthetic_scene(name)
+    else:
+        case, scene = synthetic_case(name, seed=seed), synthetic_scene(name, seed=seed)
     photons = LEVELS[SYNTHETIC[name][2]][0]
-    config = RestoreConfig(**{**FLUORESCENCE, "device": "cpu", **overrides})
-    # the true level, so that the truth's signal and the data agree on what is background
     prepared = prepare(
         case.observation, case.psf, config, background=case.background, voxel_size=case.voxel_size
     )
     truth = torch.as_tensor((scene.obj * photons - case.background) / prepared.scale, dtype=torch.float32)
+    return case, prepared, truth
+
+
+def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
+    """Every row of one case."""
+    config = RestoreConfig(**{**FLUORESCENCE, "device": "cpu", **overrides})
+    case, prepared, truth = setup_case(name, config, args.cache, args.seed)
     rows: dict[str, dict] = {"truth": {"loss": _terms(truth, prepared, config)}}
     timings: dict[str, float] = {}
 
@@ -128,7 +138,7 @@ def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
         timings[label] = round(time.perf_counter() - start, 1)
         return out
 
-    flat = torch.full_like(truth, float(prepared.observation.clamp_min(0).mean()))
+    flat = torch.full_like(truth, start_level(prepared))
     voxels = timed(
         "voxels", lambda: minimise_voxels(flat, prepared, config, args.voxel_iterations, VOXEL_RATE["flat"])
     )

@@ -30,12 +30,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from microscopy_data import LEVELS, SYNTHETIC, load_case, synthetic_scene  # noqa: E402
-from objective import CASES_3D, FLUORESCENCE_CASES, RESULTS, VOXEL_RATE, _row, minimise_voxels  # noqa: E402
+from objective import (  # noqa: E402
+    CASES_3D,
+    FLUORESCENCE_CASES,
+    RESULTS,
+    VOXEL_RATE,
+    _row,
+    minimise_voxels,
+    setup_case,
+)
 
 from cider import FLUORESCENCE, RestoreConfig  # noqa: E402
-from cider.fitting import Prepared  # noqa: E402
-from cider.restore import prepare  # noqa: E402
+from cider.fitting import Prepared, start_level  # noqa: E402
 from cider.rl import BlurOperator  # noqa: E402
 
 DELTA = 1e-3  # regularises (AAᵀ + δ)⁻¹ in P, relative to the PSF's unit sum
@@ -127,16 +133,11 @@ def voxel_estimator(
 
 def run_case(name: str, weights: list[float], steps: int, probes: int, cache: Path | None) -> list[dict]:
     """One row per weight: the pick's inputs (SURE) and the truth's view (projected error, PSNR)."""
-    case, scene = load_case(name, cache=cache), synthetic_scene(name)
-    photons = LEVELS[SYNTHETIC[name][2]][0]
     base = RestoreConfig(**{**FLUORESCENCE, "device": "cpu", "ssim_weight": 0.0})
-    prepared = prepare(
-        case.observation, case.psf, base, background=case.background, voxel_size=case.voxel_size
-    )
+    case, prepared, truth = setup_case(name, base, cache)
     y = prepared.observation
     blur = BlurOperator(prepared.psf, y.shape, boundary="valid")
-    truth = torch.as_tensor((scene.obj * photons - case.background) / prepared.scale, dtype=torch.float32)
-    flat = torch.full(truth.shape, float(y.clamp_min(0).mean()))
+    flat = torch.full_like(truth, start_level(prepared))
     constant = projected_error(truth, blur)
     rows = []
     for weight in weights:

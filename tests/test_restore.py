@@ -212,7 +212,7 @@ def test_anisotropic_voxels_restore_z_at_least_as_well_as_isotropic_weights():
     physical, isotropic = [], []
     for seed in (7, 17, 27, 37):
         scene, _ = fluorescence_scene(big, seed, anisotropy=3.0)
-        observation, truth = degrade(scene, psf, 200.0, 2.0, seed + 1)
+        observation, truth, _ = degrade(scene, psf, 200.0, 2.0, seed + 1)
         physical.append(z_error_and_psnr(observation, truth, (3.0, 1.0, 1.0)))
         isotropic.append(z_error_and_psnr(observation, truth, None))
     physical, isotropic = np.mean(physical, axis=0), np.mean(isotropic, axis=0)
