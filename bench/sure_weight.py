@@ -131,10 +131,18 @@ def voxel_estimator(
     return estimate
 
 
-def run_case(name: str, weights: list[float], steps: int, probes: int, cache: Path | None) -> list[dict]:
-    """One row per weight: the pick's inputs (SURE) and the truth's view (projected error, PSNR)."""
+def run_case(
+    name: str,
+    weights: list[float],
+    steps: int,
+    probes: int,
+    cache: Path | None,
+    seed: int | None = None,
+) -> list[dict]:
+    """One row per weight: the pick's inputs (SURE) and the truth's view (projected error,
+    PSNR). ``seed``: another draw of the case (scene and noise; default its own)."""
     base = RestoreConfig(**{**FLUORESCENCE, "device": "cpu", "ssim_weight": 0.0})
-    case, prepared, truth = setup_case(name, base, cache)
+    case, prepared, truth = setup_case(name, base, cache, seed)
     y = prepared.observation
     blur = BlurOperator(prepared.psf, y.shape, boundary="valid")
     flat = torch.full_like(truth, start_level(prepared))
@@ -188,17 +196,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probes", type=int, default=1, help="Monte-Carlo probes of the divergence")
     parser.add_argument("--device-name", default="cpu", help="for the record")
     parser.add_argument("--cache", type=Path, default=None, help="case cache folder")
+    parser.add_argument("--seed", type=int, default=None, help="another draw of each case (default: its own)")
     parser.add_argument("--out", type=Path, default=RESULTS / "objective")
     args = parser.parse_args(argv)
     results = {
         "device": args.device_name,
         "date": time.strftime("%Y-%m-%d"),
         "command": "bench/sure_weight.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed,
         "cases": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.cases:
-        results["cases"][name] = run_case(name, args.weights, args.steps, args.probes, args.cache)
+        results["cases"][name] = run_case(name, args.weights, args.steps, args.probes, args.cache, args.seed)
         (args.out / "sure_weight.json").write_text(json.dumps(results, indent=1))
         (args.out / "sure_weight.md").write_text(table(results))
     return results
