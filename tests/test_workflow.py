@@ -1202,11 +1202,12 @@ def test_a_folder_of_1200_images_plans_with_scaling_ids_and_few_jobs(tmp_path):
     assert (counts["background"], counts["fit"], counts["stitch"]) == (19, 19, 19), counts
 
 
-def test_with_compile_a_fit_job_holds_few_tile_shapes(tmp_path):
+def test_with_compile_a_fit_job_holds_few_tile_shapes(tmp_path, capsys):
     """``restore.compile`` compiles the generator anew for each padded tile shape (minutes)
     and a process for at most ``cider.fitting.COMPILE_SHAPES`` of them: a folder of
     differently sized images is planned in fit jobs of at most ``COMPILE_SHAPES_PER_JOB``
-    shapes, every image still in one; without compile, in fewer jobs."""
+    shapes, every image still in one, and the plan says so naming the setting; without
+    compile, in fewer jobs and silently."""
     from cider.workflow import plan as plan_module
 
     folder = tmp_path / "images"
@@ -1218,8 +1219,11 @@ def test_with_compile_a_fit_job_holds_few_tile_shapes(tmp_path):
     config |= {"output_dir": str(tmp_path / "out"), "psf": {"gaussian_sigma": 0.7}}
     config["jobs"] = {"images_per_job": 64}
     plain = make_plan(validate_config(config))
+    assert "restore.compile" not in capsys.readouterr().err
     config["restore"] = {**config.get("restore", {}), "compile": True}
     compiled = make_plan(validate_config(config))
+    note = capsys.readouterr().err
+    assert "12 padded shapes" in note and "3 job(s)" in note and "restore.compile: false" in note
     shapes = {t.id: t.padded_shape for t in compiled.tiles}
     assert len(set(shapes.values())) == 12 and len(plain.batches) == 1
     most = plan_module.COMPILE_SHAPES_PER_JOB

@@ -279,6 +279,19 @@ def make_batches(
     return tuple(Batch(f"b{number}", tuple(job)) for number, job in enumerate(jobs))
 
 
+def _note_compile_cost(shapes: int, jobs: int) -> None:
+    """With ``restore.compile``, say on stderr when the tiles come in more padded shapes
+    than one fit job compiles for: each is compiled anew, so the jobs multiply."""
+    if shapes > COMPILE_SHAPES_PER_JOB:
+        print(
+            f"cider: restore.compile is on and the tiles come in {shapes} padded shapes; each is "
+            f"compiled anew (minutes), so the fits are split into {jobs} job(s) of at most "
+            f"{COMPILE_SHAPES_PER_JOB} shapes. For a folder of differently sized images, "
+            "compile rarely pays: set restore.compile: false",
+            file=sys.stderr,
+        )
+
+
 def _split_by_shapes(job: list[tuple[str, ...]], shape_of: dict, most: int) -> list[list[tuple[str, ...]]]:
     """A job's passes in consecutive parts of at most ``most`` distinct padded shapes."""
     parts: list[list[tuple[str, ...]]] = []
@@ -478,6 +491,8 @@ def _cached_plan(config_json: str) -> Plan:
     batches = make_batches(
         tiles, config["fit"]["batch_size"], per_job, pass_sizes, psf_of_tile, shapes_per_job
     )
+    if shapes_per_job:
+        _note_compile_cost(len({t.padded_shape for t in tiles}), len(batches))
     groups = make_groups([(u.id, int(np.prod(u.shape))) for u in units], per_job, "g")
     voxels_of_name: dict[str, int] = {}
     for u in units:
