@@ -131,29 +131,22 @@ def voxel_estimator(
     return estimate
 
 
-def run_case(
-    name: str,
-    weights: list[float],
-    steps: int,
-    probes: int,
-    cache: Path | None,
-    seed: int | None = None,
-) -> list[dict]:
-    """One row per weight: the pick's inputs (SURE) and the truth's view (projected error,
-    PSNR). ``seed``: another draw of the case (scene and noise; default its own)."""
+def run_case(name: str, args: argparse.Namespace) -> list[dict]:
+    """One row per weight of ``args.weights``: the pick's inputs (SURE) and the truth's view
+    (projected error, PSNR). ``args.seed``: another draw of the case (default its own)."""
     base = RestoreConfig(**{**FLUORESCENCE, "device": "cpu", "ssim_weight": 0.0})
-    case, prepared, truth = setup_case(name, base, cache, seed)
+    case, prepared, truth = setup_case(name, base, args.cache, args.seed)
     y = prepared.observation
     blur = BlurOperator(prepared.psf, y.shape, boundary="valid")
     flat = torch.full_like(truth, start_level(prepared))
     constant = projected_error(truth, blur)
     rows = []
-    for weight in weights:
+    for weight in args.weights:
         start = time.perf_counter()
         config = base.with_(hessian_noise_weight=weight)
-        estimate = voxel_estimator(prepared, config, flat, steps)
+        estimate = voxel_estimator(prepared, config, flat, args.steps)
         x = estimate(y)
-        sure = projected_sure(y, blur, estimate, prepared.noise.variance, probes, x=x)
+        sure = projected_sure(y, blur, estimate, prepared.noise.variance, args.probes, x=x)
         rows.append(
             {
                 "W": weight,
@@ -208,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.cases:
-        results["cases"][name] = run_case(name, args.weights, args.steps, args.probes, args.cache, args.seed)
+        results["cases"][name] = run_case(name, args)
         (args.out / "sure_weight.json").write_text(json.dumps(results, indent=1))
         (args.out / "sure_weight.md").write_text(table(results))
     return results

@@ -310,15 +310,14 @@ def test_compiled_fits_of_many_shapes_run_past_dynamos_limit_then_refuse_naming_
     import cider.fitting
 
     torch._dynamo.reset()  # no graphs of earlier tests in the count
-    # (not monkeypatch: its undo would delete the key from torch's config module)
-    patched = torch._dynamo.config.patch(recompile_limit=1)
     monkeypatch.setattr(cider.fitting, "COMPILE_BACKEND", "eager")
     monkeypatch.setattr(cider.fitting, "COMPILE_SHAPES", 3)
     monkeypatch.setattr(cider.fitting, "COMPILE_GRAPHS", 24)
     monkeypatch.setattr(cider.fitting, "_compiled_shapes", set())
     config = RestoreConfig(iterations=1, device="cpu", compile=True)
     rng, psf = np.random.default_rng(0), gaussian_psf(0.7)
-    with patched:
+    # (not monkeypatch: its undo would delete the key from torch's config module)
+    with torch._dynamo.config.patch(recompile_limit=1):
         for number in range(4):
             prepared = prepare(rng.poisson(30, (12 + number, 13)).astype(float), psf, config)
             features = deconvolved_features(prepared, config)
