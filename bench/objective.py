@@ -4,7 +4,8 @@ generator or the loss that limits a 3D result?
 For the synthetic cases, whose noise-free object on the fit's object grid is known
 (:func:`microscopy_data.synthetic_scene`), this evaluates the generator fit's loss
 (:func:`cider.fitting.objective_terms`, the settings as the pipeline runs fluorescence:
-``cider.FLUORESCENCE``, the true flat background level subtracted) at:
+``cider.FLUORESCENCE``, the true flat background level subtracted, or with ``--level
+flat`` the one the pipeline estimates) at:
 
 - ``truth``: the true signal. If the fit's own loss is lower, the loss prefers another
   estimate to the truth (its minimum is biased, e.g. towards fitted noise or smoothness);
@@ -15,7 +16,8 @@ For the synthetic cases, whose noise-free object on the fit's object grid is kno
 - ``rl``: RL with the level in its model, at its best iteration (oracle, as ``rl_flat``
   of ``bench/microscopy.py``);
 - ``cider`` (``--cider N``): the generator fit of N iterations, and ``cider_voxels``: the
-  loss minimised further over the voxels from the fit's estimate;
+  loss minimised further over the voxels from the fit's estimate (``cider_voxels_S`` for
+  each of several ``--polish-iterations`` S);
 - ``capacity`` (``--capacity N``): the generator fitted to the truth itself (mean squared
   error, no blur, no noise): what N iterations of the generator can represent.
 
@@ -42,6 +44,7 @@ from microscopy_data import LEVELS, SYNTHETIC, Case, load_case, synthetic_case, 
 from overrides import parse_overrides  # noqa: E402
 
 from cider import FLUORESCENCE, RestoreConfig  # noqa: E402
+from cider.background import flat_background  # noqa: E402
 from cider.fitting import (  # noqa: E402
     Generators,
     Prepared,
@@ -107,20 +110,25 @@ def fit_capacity(features: torch.Tensor, truth: torch.Tensor, prepared: Prepared
 
 
 def setup_case(
-    name: str, config: RestoreConfig, cache: Path | None = None, seed: int | None = None
+    name: str,
+    config: RestoreConfig,
+    cache: Path | None = None,
+    seed: int | None = None,
+    level: str = "true",
 ) -> tuple[Case, Prepared, torch.Tensor]:
     """A synthetic case as the fit gets it, with the true flat level subtracted (so that
     the truth's signal and the data agree on what is background), and its true signal
     on the fit's object grid, in the fit's units. ``seed``: another scene and noise draw
-    of the same kind (default: the case's own, cached in ``cache``)."""
+    of the same kind (default: the case's own, cached in ``cache``). ``level="flat"``:
+    the level the pipeline estimates (``background.method: flat``) is subtracted
+    instead, as the light-sheet configs run; the truth stays the true signal."""
     if seed is None:
         case, scene = load_case(name, cache=cache), synthetic_scene(name)
     else:
         case, scene = synthetic_case(name, seed=seed), synthetic_scene(name, seed=seed)
     photons = LEVELS[SYNTHETIC[name][2]][0]
-    prepared = prepare(
-        case.observation, case.psf, config, background=case.background, voxel_size=case.voxel_size
-    )
+    background = case.background if level == "true" else flat_background(case.observation, case.psf)
+    prepared = prepare(case.observation, case.psf, config, background=background, voxel_size=case.voxel_size)
     truth = torch.as_tensor((scene.obj * photons - case.background) / prepared.scale, dtype=torch.float32)
     return case, prepared, truth
 
@@ -128,7 +136,7 @@ def setup_case(
 def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
     """Every row of one case."""
     config = RestoreConfig(**{**FLUORESCENCE, "device": "cpu", **overrides})
-    case, prepared, truth = setup_case(name, config, args.cache, args.seed)
+    case, prepared, truth = setup_case(name, config, args.cache, args.seed, args.level)
     rows: dict[str, dict] = {"truth": {"loss": _terms(truth, prepared, config)}}
     timings: dict[str, float] = {}
 
@@ -149,7 +157,8 @@ def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
             lambda: minimise_voxels(truth, prepared, config, args.voxel_iterations, VOXEL_RATE["estimate"]),
         )
         rows["voxels_from_truth"] = _row(from_truth, case, prepared, config)
-        rl = rl_scores(case, "cpu", background=case.background)
+        level = case.background if args.level == "true" else prepared.background_level
+        rl = rl_scores(case, "cpu", background=level)
         rows["rl"] = {k: rl[k] for k in ("psnr", "ssim", "flux_err", "spot_err", "iterations") if k in rl}
     if args.cider or args.capacity:
         features = deconvolved_features(prepared, config)
@@ -159,17 +168,19 @@ def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
         rows["cider"] = {**_row(estimate, case, prepared, config), "iterations": args.cider}
         # the polish may minimise another loss (--polish-set), scored by that loss
         polish = config.with_(**parse_overrides(args.polish_set))
-        polished = timed(
-            "cider_voxels",
-            lambda: minimise_voxels(
-                estimate, prepared, polish, args.polish_iterations, VOXEL_RATE["estimate"]
-            ),
-        )
-        rows["cider_voxels"] = {
-            **_row(polished, case, prepared, polish),
-            "iterations": args.polish_iterations,
-            **({"settings": args.polish_set} if args.polish_set else {}),
-        }
+        for steps in args.polish_iterations:
+            label = "cider_voxels" if len(args.polish_iterations) == 1 else f"cider_voxels_{steps}"
+            polished = timed(
+                label,
+                lambda steps=steps: minimise_voxels(
+                    estimate, prepared, polish, steps, VOXEL_RATE["estimate"]
+                ),
+            )
+            rows[label] = {
+                **_row(polished, case, prepared, polish),
+                "iterations": steps,
+                **({"settings": args.polish_set} if args.polish_set else {}),
+            }
     if args.capacity:
         capacity = config.with_(iterations=args.capacity)
         estimate = timed("capacity", lambda: fit_capacity(features, truth, prepared, capacity))
@@ -209,7 +220,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cases", nargs="+", default=CASES_3D, choices=FLUORESCENCE_CASES)
     parser.add_argument("--voxel-iterations", type=int, default=500)
     parser.add_argument("--cider", type=int, default=0, help="also the generator fit of N iterations")
-    parser.add_argument("--polish-iterations", type=int, default=300)
+    parser.add_argument(
+        "--polish-iterations",
+        type=int,
+        nargs="+",
+        default=[300],
+        help="steps of the polish; several: one polish of each length, each from the fit",
+    )
     parser.add_argument(
         "--polish-set",
         nargs="*",
@@ -224,6 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=None, help="another draw of each case (default: its own)")
     parser.add_argument("--set", nargs="*", default=[], help="restore settings KEY=VALUE")
+    parser.add_argument(
+        "--level",
+        choices=("true", "flat"),
+        default="true",
+        help="background level subtracted: the true one, or the estimated flat one",
+    )
     parser.add_argument("--device-name", default="cpu", help="for the record")
     parser.add_argument("--cache", type=Path, default=None, help="case cache folder")
     parser.add_argument("--out", type=Path, default=RESULTS / "objective")
@@ -234,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "command": "bench/objective.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
+        "level": args.level,
         "cases": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
