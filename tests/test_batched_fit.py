@@ -17,7 +17,7 @@ from cider.errors import CiderError
 from cider.fitting import _judged, fit_generator, fit_generators, objective_terms
 from cider.losses import hessian_penalty
 from cider.psf import gaussian_psf
-from cider.restore import RestoreConfig, deconvolved_features, prepare
+from cider.restore import RestoreConfig, deconvolved_features, prepare, restore
 
 
 def _float64_members(shapes, psf, config, photons=(30, 80, 200), powers=(3, 3, 3), seed=0):
@@ -410,3 +410,68 @@ def test_objective_terms_are_the_loss_the_fit_logs():
     assert float(frobenius) < float(entries)
     with pytest.raises(CiderError, match="object grid is"):
         objective_terms(estimate[1:], prepared, config)
+
+
+def test_polish_continues_each_fit_over_the_voxels_as_it_would_alone():
+    """``polish_iterations``: the generator's part of each fit is unchanged, the polish
+    lowers each member's loss from where its fit ended, χ² is the polished estimate's, and
+    a batch polishes as its members would one by one (Adam is per voxel)."""
+    base = RestoreConfig(
+        iterations=8, log_every=4, data_weight=100.0, ssim_weight=0.0, preserve_flux=False, device="cpu"
+    )
+    polished = base.with_(polish_iterations=30)
+    members = _float64_members([(26, 30)] * 2, gaussian_psf(1.2), base, photons=(40, 300))
+    features, prepared = [f for f, _ in members], [p for _, p in members]
+    fits = fit_generators(features, prepared, polished)
+    plain = fit_generators(features, prepared, base)
+    for fit, unpolished, (f, p) in zip(fits, plain, members):
+        assert fit.losses == unpolished.losses and plain[0].polish_losses == []
+        assert len(fit.polish_losses) == 30
+        # the first step starts at the fit's estimate; the polish ends below it
+        start = objective_terms(unpolished.estimate, p, polished)
+        assert fit.polish_losses[0] == pytest.approx(float(start["data"] + start["hessian"]), rel=1e-6)
+        end = objective_terms(fit.estimate, p, polished)
+        assert float(end["data"] + end["hessian"]) < 0.95 * fit.polish_losses[0]
+        assert fit.chi2 == pytest.approx(float(end["chi2"]), rel=1e-9)
+        alone = fit_generator(f, p, polished)
+        np.testing.assert_allclose(fit.polish_losses, alone.polish_losses, rtol=1e-6)
+        scale = float(alone.estimate.abs().max())
+        np.testing.assert_allclose(fit.estimate.numpy(), alone.estimate.numpy(), atol=1e-6 * scale)
+
+
+def test_polish_brings_an_unfinished_fit_nearer_the_truth():
+    """On a noisy 3D blob scene under a PSF long in z (σ 2.5 planes), with its truth
+    known, 150 polish steps after a short generator fit (SSIM off, as the polish is meant
+    to run) move the estimate towards the truth, not only down the loss (RMS error 2.60
+    → 2.21 on an AMD EPYC; the blurred input's is 4.20)."""
+    rng = np.random.default_rng(5)
+    z, y, x = np.mgrid[:10, :24, :24]
+    truth = np.full((10, 24, 24), 2.0)
+    for cz, cy, cx in rng.uniform((2, 4, 4), (8, 20, 20), size=(6, 3)):
+        truth += 60 * np.exp(-((z - cz) ** 2 / 2 + (y - cy) ** 2 / 3 + (x - cx) ** 2 / 3))
+    psf = gaussian_psf((2.5, 1.2, 1.2), size=(9, 7, 7))
+    padded = torch.as_tensor(np.pad(truth, ((4, 4), (3, 3), (3, 3)), mode="edge"))
+    blurred = torch.nn.functional.conv3d(padded[None, None], torch.as_tensor(psf)[None, None])[0, 0]
+    image = rng.poisson(blurred.numpy()).astype(float)
+    config = RestoreConfig(
+        iterations=30,
+        log_every=10,
+        data_weight=100.0,
+        ssim_weight=0.0,
+        hessian_domain="stabilised",
+        device="cpu",
+    )
+
+    def error(polish: int) -> float:
+        result = restore(image, psf, config.with_(polish_iterations=polish))
+        assert len(result.polish_loss_history) == polish
+        return float(np.sqrt(np.mean((result.restored - truth) ** 2)))
+
+    assert error(150) < 0.9 * error(0)
+
+
+def test_polish_is_for_the_generator_fit_only():
+    with pytest.raises(CiderError, match=r"polish_iterations polishes the generator fit; with method='rl'"):
+        RestoreConfig(method="rl", polish_iterations=10)
+    with pytest.raises(CiderError, match=r"polish_learning_rate=0"):
+        RestoreConfig(polish_learning_rate=0)

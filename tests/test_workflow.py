@@ -150,6 +150,19 @@ def test_hessian_norm_reaches_the_fit_and_is_checked():
         validate_config(_minimal() | {"restore": {"hessian_norm": "nuclear"}})
 
 
+def test_polish_and_ssim_weight_reach_the_fit_and_are_checked():
+    from cider.workflow.config import restore_config
+
+    settings = {"ssim_weight": 0.0, "data_weight": 100.0, "polish_iterations": 500}
+    config = validate_config(_minimal() | {"restore": settings})
+    rcfg = restore_config(config)
+    assert (rcfg.ssim_weight, rcfg.polish_iterations, rcfg.polish_learning_rate) == (0.0, 500, 0.01)
+    with pytest.raises(CiderError, match=r"key 'restore.polish_iterations': -1 is less than the minimum"):
+        validate_config(_minimal() | {"restore": {"polish_iterations": -1}})
+    with pytest.raises(CiderError, match=r"polish_iterations polishes the generator fit"):
+        restore_config(validate_config(_minimal() | {"restore": {"method": "rl", "polish_iterations": 5}}))
+
+
 def test_too_small_margin_is_an_error(tmp_path):
     config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
     config["tiling"]["margin"] = 4

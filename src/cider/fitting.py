@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call, replace_all_batch_norm_modules_, vmap
 
 from .errors import CiderError
@@ -123,6 +124,9 @@ class Fit:
     weights : dict of str to torch.Tensor or None
         The generator's final weights (on the CPU), when asked for with ``keep_weights``:
         the warm start of another fit.
+    polish_losses : list of float
+        Total loss per step of the polish over the voxels (``polish_iterations``; empty
+        when off). ``chi2`` is then the polished estimate's.
     """
 
     estimate: torch.Tensor
@@ -131,6 +135,7 @@ class Fit:
     stopped: str
     flux_factor: float = 1.0
     weights: dict[str, torch.Tensor] | None = None
+    polish_losses: list[float] = field(default_factory=list)
 
     @property
     def iterations(self) -> int:
@@ -669,11 +674,26 @@ def _fit_together(
         else:
             with torch.no_grad():
                 final = average if average is not None else generators(members.inputs)
-        for row, why in stopping.items():
+        done = sorted(stopping)
+        estimates, done_chi2 = final[done], [chi2[row] for row in done]
+        polish_losses: list[list[float]] = [[] for _ in done]
+        if config.polish_iterations:
+            estimates, polish_losses, done_chi2 = polish(
+                estimates, blur, members.keep(done), config, first.voxel_size
+            )
+        for k, row in enumerate(done):
             i = members.index[row]
             fits[i] = _finish(
-                final[row, 0], blur, prepared[i], members.losses[row], chi2[row], why, config, labels[i]
+                estimates[k, 0],
+                blur,
+                prepared[i],
+                members.losses[row],
+                done_chi2[k],
+                stopping[row],
+                config,
+                labels[i],
             )
+            fits[i].polish_losses = polish_losses[k]
             if keep_weights:
                 fits[i].weights = generators.weights(row)
         rows = [r for r in range(len(members.index)) if r not in stopping]
@@ -685,6 +705,57 @@ def _fit_together(
             average = average[rows]
         if keep_best:
             kept, lowest = kept[rows], [lowest[r] for r in rows]
+
+
+def polish(
+    estimates: torch.Tensor,
+    blur: BlurOperator,
+    members: _Members,
+    config: RestoreConfig,
+    voxel_size: tuple[float, ...] | None,
+) -> tuple[torch.Tensor, list[list[float]], list[float]]:
+    """The fit's loss minimised further over the voxels, from the fit's estimates.
+
+    Each voxel is the softplus of a free parameter (so the estimate stays positive),
+    started at the estimate (floored at 1e-4) and moved by Adam at
+    ``config.polish_learning_rate`` for ``config.polish_iterations`` steps. The members'
+    losses are summed, so each member's parameters see only its own loss's gradient:
+    a batch polishes as its members would one by one.
+
+    Parameters
+    ----------
+    estimates : torch.Tensor
+        ``(B, 1, *object_shape)``, the fits' estimates.
+    blur : BlurOperator
+        The members' blur (``valid`` boundary).
+    members : _Members
+        The members' data, noise weights and loss weights, in the order of ``estimates``.
+    config : RestoreConfig
+        The loss's weights and the polish's steps and learning rate.
+    voxel_size : tuple of float or None
+        For the Hessian prior.
+
+    Returns
+    -------
+    tuple
+        The polished estimates (same shape), each member's loss per step (at the estimate
+        the step started from), and each one's final χ².
+    """
+    start = estimates.detach().clamp_min(1e-4)
+    param = (start + torch.log(-torch.expm1(-start))).requires_grad_()
+    optimizer = torch.optim.Adam([param], lr=config.polish_learning_rate)
+    pending = []
+    for _ in range(config.polish_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        estimate = F.softplus(param)
+        loss = sum(_loss_terms(estimate, blur(estimate), members, config, voxel_size).values())
+        loss.sum().backward()
+        optimizer.step()
+        pending.append(loss.detach())
+    with torch.no_grad():
+        estimate = F.softplus(param)
+        chi2 = _chi2(blur(estimate), members).tolist()
+    return estimate, torch.stack(pending).T.tolist(), chi2
 
 
 def _loss_terms(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -88,6 +88,9 @@ class Result:
     background_level : float or None
         The flat background level subtracted (``background.method="flat"`` or a level
         given), in the input's units above the offset; None for none or a background map.
+    polish_loss_history : list of float
+        Total loss per step of the polish over the voxels (``polish_iterations``; empty
+        when off); ``chi2`` is then the polished estimate's.
     """
 
     restored: np.ndarray
@@ -98,6 +101,7 @@ class Result:
     chi2: float = math.nan
     stopped: str = "iterations"
     background_level: float | None = None
+    polish_loss_history: list[float] = field(default_factory=list)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -431,6 +435,7 @@ def restore(
         fit.chi2,
         fit.stopped,
         prepared.background_level,
+        fit.polish_losses,
     )
 
 

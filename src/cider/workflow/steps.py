@@ -446,6 +446,8 @@ def _tile_record(tile: Tile, fit, batch_id: str, method: str, device) -> dict:
         "stopped": fit.stopped,
         "flux_factor": fit.flux_factor,
         "loss_history": losses[:: max(1, len(losses) // 200)],
+        "polish_steps": len(fit.polish_losses),
+        "polish_loss": [fit.polish_losses[0], fit.polish_losses[-1]] if fit.polish_losses else None,
         "seconds": None,
         "device": str(device),
     }
