@@ -163,6 +163,23 @@ def test_polish_and_ssim_weight_reach_the_fit_and_are_checked():
         restore_config(validate_config(_minimal() | {"restore": {"method": "rl", "polish_iterations": 5}}))
 
 
+def test_tile_record_keeps_the_polish_next_to_the_generator_history():
+    from types import SimpleNamespace
+
+    import torch
+
+    from cider.fitting import Fit
+    from cider.workflow.steps import _tile_record
+
+    tile = SimpleNamespace(id="t0", unit_id="u000", padded=((0, 40), (0, 40)))
+    fit = Fit(torch.zeros(4, 4), [3.0, 2.5, 2.0], 1.1, "iterations", polish_losses=[2.0, 1.8, 1.7, 1.6])
+    record = _tile_record(tile, fit, "b0", "cider", "cpu")
+    assert record["iterations"] == 3 and record["loss_history"] == [3.0, 2.5, 2.0]
+    assert record["polish_steps"] == 4 and record["polish_loss"] == [2.0, 1.6]
+    plain = _tile_record(tile, Fit(torch.zeros(4, 4), [3.0], 1.0, "iterations"), "b0", "cider", "cpu")
+    assert plain["polish_steps"] == 0 and plain["polish_loss"] is None
+
+
 def test_too_small_margin_is_an_error(tmp_path):
     config = yaml.safe_load(_dataset(tmp_path, (60, 60), 1.5, 32).read_text())
     config["tiling"]["margin"] = 4
