@@ -239,6 +239,28 @@ def test_hessian_norm_flag_reaches_the_fit_and_offers_every_norm(tmp_path, capsy
     assert tuple(norm.choices) == HESSIAN_NORMS and norm.default == RestoreConfig.hessian_norm
 
 
+def test_polish_and_ssim_weight_flags_restore_as_the_library_does(tmp_path, capsys):
+    """``--ssim-weight 0 --polish N``: the library's result with those settings, the
+    polish's steps in the JSON; refused with --rl (which has no generator fit to polish)."""
+    from cider import FLUORESCENCE, RestoreConfig, restore
+
+    image = blobs((32, 32), 6).astype(np.float32) * 50 + 2
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    args = ["restore", str(tmp_path / "in.tif"), "--gaussian-sigma", "1.2", "--quiet"]
+    flags = ["--iterations", "3", "--ssim-weight", "0", "--polish", "5"]
+    assert cli.main([*args, *flags, "--fluorescence", "-o", str(tmp_path / "out.tif")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["polish_steps"] == 5
+    assert summary["settings"]["polish_iterations"] == 5 and summary["settings"]["ssim_weight"] == 0.0
+    config = RestoreConfig(iterations=3, ssim_weight=0.0, polish_iterations=5).with_(
+        **FLUORESCENCE, background={"enabled": True, "method": "flat"}
+    )
+    expected = restore(image, gaussian_psf(1.2), config).restored
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out.tif"), expected.astype(np.float32))
+    assert cli.main([*args, "--rl", "5", "--polish", "5", "-o", str(tmp_path / "rl.tif")]) == 2
+    assert "--polish continues the generator fit, which --rl replaces" in capsys.readouterr().err
+
+
 def test_rl_flag_restores_with_plain_rl_and_says_so(tmp_path, capsys):
     from cider import richardson_lucy
 

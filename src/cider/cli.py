@@ -110,6 +110,8 @@ def _restore(args: argparse.Namespace) -> int:
         early_stop_patience=args.early_stop,
         generator_strides=args.generator_strides,
         hessian_norm=args.hessian_norm,
+        ssim_weight=RestoreConfig.ssim_weight if args.ssim_weight is None else args.ssim_weight,
+        polish_iterations=args.polish,
     ).with_(background={"enabled": args.background is not None, "method": args.background or "wavelet"})
     if args.fluorescence:
         config = config.with_(
@@ -147,6 +149,7 @@ def _restore(args: argparse.Namespace) -> int:
         "final_loss": result.loss_history[-1] if result.loss_history else None,
         "chi2": result.chi2 if np.isfinite(result.chi2) else None,
         "stopped": result.stopped,
+        "polish_steps": len(result.polish_loss_history),
         "seconds": {k: round(v, 2) for k, v in result.timings.items()},
         "settings": _changed_settings(config),
         "offset": args.offset,
@@ -220,6 +223,12 @@ def _restore_refusal(args: argparse.Namespace) -> str | None:
         return "--rl must be ≥ 1 (RL iterations)"
     if args.rl is not None and args.iterations is not None:
         return "--iterations sets the generator fit, which --rl replaces: give the RL iterations as --rl N"
+    if args.rl is not None and args.polish:
+        return "--polish continues the generator fit, which --rl replaces: leave --polish out with --rl"
+    if args.polish < 0:
+        return f"--polish must be ≥ 0 (steps over the voxels after the fit), got {args.polish}"
+    if args.ssim_weight is not None and args.ssim_weight < 0:
+        return f"--ssim-weight must be ≥ 0, got {args.ssim_weight}"
     if args.iterations is not None and args.iterations < 1:
         return "--iterations must be ≥ 1 (0 would return an untrained generator)"
     if Path(args.output).resolve() == Path(args.input).resolve():
@@ -416,6 +425,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="entries (default): the Hessian prior sums each voxel's absolute second "
         "differences; frobenius: their root sum of squares, the same for any orientation of the "
         "structure (RestoreConfig.hessian_norm)",
+    )
+    r.add_argument(
+        "--ssim-weight",
+        type=float,
+        help="weight of the SSIM term (default: RestoreConfig.ssim_weight, 1); 0 with --fluorescence "
+        "leaves the noise-weighted data term alone, as --polish wants",
+    )
+    r.add_argument(
+        "--polish",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the fit, N steps of the same loss over the voxels (RestoreConfig.polish_iterations; "
+        "widefield volumes: --fluorescence --ssim-weight 0 --polish 2000)",
     )
     r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
