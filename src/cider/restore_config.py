@@ -184,7 +184,9 @@ class RestoreConfig:
         oracle RL (bench/README.md, "Polishing the fit over the voxels"). With the SSIM
         term on, the loss's minimum scored 0.1–2.4 dB under the generator's fit on four of
         five synthetic volumes, so leave it off there. Off by default; the fit's loss
-        history is the generator's, and the polish's is ``Fit.polish_losses``.
+        history is the generator's, and the polish's is ``Fit.polish_losses``. A stop
+        (discrepancy, plateau) ends the generator's part; the polish then runs all its
+        steps.
     polish_learning_rate : float
         Adam's learning rate of the polish (on the softplus parameter of each voxel, in
         units of the intensity scale).
