@@ -6,7 +6,9 @@
 [...], "cases": [...], "args": [more microscopy.py arguments], "iterations": N}}, "cases":
 [...], "methods": [...], "iterations": N}`` (a config's own ``iterations`` wins). Tasks run case by case (all
 settings of the first case first). Every (config, case) runs in its own process (a GPU
-serves several at once); the merged ``sweep.json`` in ``--out`` holds
+serves several at once), its output in ``--out``/parts/microscopy_<config>_<case>.log;
+a worker of a stopped sweep runs on to its result file, which ``--merge-only`` collects.
+The merged ``sweep.json`` in ``--out`` holds
 ``{config: {case: {method: row}}}``; ``--out``/progress/<config> holds the curves as they grow,
 so a sweep cut short still leaves them.
 """
@@ -69,10 +71,14 @@ def main() -> None:
             command += ["--cache", str(args.cache)]
         if setting.get("set"):
             command += ["--set", *setting["set"]]
-        done = subprocess.run(command, capture_output=True, text=True)
-        print(done.stdout.strip() or f"{name} {case}: no output", flush=True)
-        if done.returncode:
-            print(done.stderr[-2000:], flush=True)
+        # The worker writes to a file, not a pipe: a sweep stopped part-way then leaves
+        # its workers running to their result files (a closed pipe killed them at their
+        # next printed row, and the case's rows were lost).
+        log = work / f"microscopy_{name}_{case}.log"
+        with log.open("w") as out:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, text=True)
+        text = log.read_text()
+        print(text.strip() if not done.returncode else text[-2000:], flush=True)
 
     if not args.merge_only:
         with ThreadPoolExecutor(args.jobs) as pool:
