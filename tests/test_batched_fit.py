@@ -7,6 +7,7 @@ therefore compared in float64, where rounding stays ~1e-12 and the two must agre
 tight tolerances; float32 agreement is a quality-level question (bench/throughput.py).
 """
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -468,6 +469,18 @@ def test_polish_brings_an_unfinished_fit_nearer_the_truth():
         return float(np.sqrt(np.mean((result.restored - truth) ** 2)))
 
     assert error(150) < 0.9 * error(0)
+
+
+def test_a_non_finite_polish_is_refused_naming_the_tile_and_setting(monkeypatch):
+    import cider.fitting as fitting
+
+    config = RestoreConfig(iterations=2, log_every=1, polish_iterations=1, device="cpu")
+    (features, prepared), *_ = _float64_members([(20, 20)], gaussian_psf(1.0), config)
+    monkeypatch.setattr(fitting, "polish", lambda estimates, *args: (estimates * math.nan, [[0.0]], [1.0]))
+    with pytest.raises(
+        CiderError, match=r"tile 7: the polish over the voxels produced NaN.*polish_learning_rate"
+    ):
+        fit_generators([features], [prepared], config, labels=["tile 7"])
 
 
 def test_polish_is_for_the_generator_fit_only():

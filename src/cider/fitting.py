@@ -681,6 +681,12 @@ def _fit_together(
             estimates, polish_losses, done_chi2 = polish(
                 estimates, blur, members.keep(done), config, first.voxel_size
             )
+            for k, row in enumerate(done):
+                if not bool(torch.isfinite(estimates[k]).all()):
+                    raise CiderError(
+                        f"{labels[members.index[row]]}: the polish over the voxels produced "
+                        "NaN/infinite values; lower restore.polish_learning_rate"
+                    )
         for k, row in enumerate(done):
             i = members.index[row]
             fits[i] = _finish(
