@@ -426,7 +426,7 @@ def test_polish_continues_each_fit_over_the_voxels_as_it_would_alone():
     fits = fit_generators(features, prepared, polished)
     plain = fit_generators(features, prepared, base)
     for fit, unpolished, (f, p) in zip(fits, plain, members):
-        assert fit.losses == unpolished.losses and plain[0].polish_losses == []
+        assert fit.losses == unpolished.losses and unpolished.polish_losses == []
         assert len(fit.polish_losses) == 30
         # the first step starts at the fit's estimate; the polish ends below it
         start = objective_terms(unpolished.estimate, p, polished)
