@@ -157,8 +157,7 @@ def run_case(name: str, args: argparse.Namespace, overrides: dict) -> dict:
             lambda: minimise_voxels(truth, prepared, config, args.voxel_iterations, VOXEL_RATE["estimate"]),
         )
         rows["voxels_from_truth"] = _row(from_truth, case, prepared, config)
-        level = case.background if args.level == "true" else prepared.background_level
-        rl = rl_scores(case, "cpu", background=level)
+        rl = rl_scores(case, "cpu", background=prepared.background_level)  # the level the fit has
         rows["rl"] = {k: rl[k] for k in ("psnr", "ssim", "flux_err", "spot_err", "iterations") if k in rl}
     if args.cider or args.capacity:
         features = deconvolved_features(prepared, config)

@@ -681,12 +681,6 @@ def _fit_together(
             estimates, polish_losses, done_chi2 = polish(
                 estimates, blur, members.keep(done), config, first.voxel_size
             )
-            for k, row in enumerate(done):
-                if not bool(torch.isfinite(estimates[k]).all()):
-                    raise CiderError(
-                        f"{labels[members.index[row]]}: the polish over the voxels produced "
-                        "NaN/infinite values; lower restore.polish_learning_rate"
-                    )
         for k, row in enumerate(done):
             i = members.index[row]
             fits[i] = _finish(
@@ -929,6 +923,11 @@ def _finish(
         if config.method == "rl":
             raise CiderError(
                 f"{label}: Richardson–Lucy produced NaN/infinite values; check the input and PSF"
+            )
+        if config.polish_iterations:  # the generator's own losses were checked finite as it ran
+            raise CiderError(
+                f"{label}: the polish over the voxels produced NaN/infinite values; "
+                "lower restore.polish_learning_rate"
             )
         raise CiderError(f"{label}: generator fit produced NaN/infinite values; lower restore.learning_rate")
     return Fit(estimate.clone(), losses, chi2, stopped, flux_factor)
